@@ -1,0 +1,200 @@
+"""Records and commands exchanged between tgrelay's actors.
+
+Every command to the store carries its own :class:`~concurrent.futures.Future`: the store
+answers only after the transaction holding the change has committed (group commit), which a
+plain pykka ``ask`` cannot express because pykka replies as soon as the handler returns.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+PENDING = "pending"
+SENT = "sent"
+CONFIRMED = "confirmed"
+FAILED = "failed"
+STATUSES = (PENDING, SENT, CONFIRMED, FAILED)
+FINAL_STATUSES = (CONFIRMED, FAILED)
+
+ChatId = int | str
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A validated message, ready to be accepted."""
+
+    chat_id: ChatId
+    text: str
+    pool: str
+    dedup_key: str | None = None
+    parse_mode: str | None = None
+    disable_notification: bool = False
+
+
+@dataclass(frozen=True)
+class DedupProbe:
+    """What the store checks, inside the accepting transaction, to recognise a duplicate.
+
+    ``match_seconds`` is how far back an earlier row with the same ``hash`` counts: the
+    dedup window for content hashes, the cache TTL for caller-supplied keys.
+    """
+
+    hash: str
+    payload_hash: str
+    match_seconds: float
+    dedup_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The answer to an accepted (or recognised duplicate) message."""
+
+    id: int
+    status: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One row of ``message_store`` as users see it (``token`` is the token's name)."""
+
+    id: int
+    chat_id: ChatId
+    pool: str
+    status: str
+    retry_count: int
+    telegram_message_id: int | None
+    token: str | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    text: str
+    in_doubt_count: int
+
+    def as_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "chat_id": self.chat_id, "pool": self.pool, "status": self.status,
+            "retry_count": self.retry_count, "telegram_message_id": self.telegram_message_id,
+            "token": self.token, "last_error": self.last_error,
+            "created_at": self.created_at, "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """A pending row leased to one token for sending."""
+
+    id: int
+    chat_id: ChatId
+    text: str
+    pool: str
+    parse_mode: str | None
+    disable_notification: bool
+    retry_count: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What start-up recovery found: rows left ``sent`` by a crash are in doubt."""
+
+    in_doubt: int
+    released_leases: int
+    pending: int
+
+
+# --- store commands -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreCommand:
+    reply: Future[Any] = field(default_factory=Future, compare=False, repr=False, kw_only=True)
+    writes = True
+
+
+@dataclass(frozen=True)
+class AcceptMessages(StoreCommand):
+    """Insert each message unless its probe finds an earlier one. Answers ``list[Receipt]``."""
+
+    messages: tuple[tuple[OutgoingMessage, DedupProbe], ...]
+
+
+@dataclass(frozen=True)
+class ClaimDue(StoreCommand):
+    """Lease due pending rows of ``pool``, one per entry of ``owners``, oldest first.
+
+    Rows whose chat already has a leased row are skipped, so one chat's messages go out in
+    the order they were accepted. Answers ``list[ClaimedMessage]``.
+    """
+
+    pool: str
+    owners: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MarkSent(StoreCommand):
+    """The request for these leased rows is about to leave: from now on they are in doubt."""
+
+    ids: tuple[int, ...]
+    token: str
+
+
+@dataclass(frozen=True)
+class ConfirmSent(StoreCommand):
+    id: int
+    telegram_message_id: int
+    token: str
+
+
+@dataclass(frozen=True)
+class FailMessage(StoreCommand):
+    id: int
+    reason: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseMessage(StoreCommand):
+    """Back to ``pending``, due after ``delay_seconds``; ``count_retry`` bumps ``retry_count``."""
+
+    id: int
+    delay_seconds: float
+    error: str | None
+    count_retry: bool = True
+    in_doubt: bool = False
+    new_chat_id: ChatId | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseLeases(StoreCommand):
+    """Every row leased to ``owner`` goes back to pending (reroute). Answers the count."""
+
+    owner: str
+    in_doubt_if_sent: bool = True
+
+
+@dataclass(frozen=True)
+class Housekeep(StoreCommand):
+    """Archive old final rows and expire dedup cache rows, one page. Answers counts."""
+
+    now: float | None = None
+
+
+@dataclass(frozen=True)
+class GetMessage(StoreCommand):
+    id: int
+    writes = False
+
+
+@dataclass(frozen=True)
+class GetStatistics(StoreCommand):
+    writes = False
+
+
+@dataclass(frozen=True)
+class CheckIntegrity(StoreCommand):
+    """Run ``PRAGMA quick_check``; on damage, recover into a fresh file. Answers ``bool``."""
+
+    writes = False

@@ -1,0 +1,239 @@
+"""The relay system: starts the actors, accepts messages, and stops without losing any.
+
+``RelaySystem`` is the embedded API (CONTRACT.md, "Embedded use"); ``tgrelay run`` wraps the
+same object in an HTTP server. All its methods are thread-safe: they only talk to actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import pykka
+
+from actors.dedup import DeduplicatorActor, KnownDuplicate
+from actors.errors import MessageNotFound, StoreUnavailable, TgrelayError
+from actors.messages import (
+    FINAL_STATUSES,
+    AcceptMessages,
+    CheckIntegrity,
+    DedupProbe,
+    Housekeep,
+    OutgoingMessage,
+    Receipt,
+    StoredMessage,
+)
+from actors.observe import AlertSink, Metrics, log_alert
+from actors.store import HOUSEKEEPING_PAGE, StoreClient, StoreSettings, start_store
+from supervision.config import Config, load_config
+from supervision.intake import build_message, message_from_json
+from supervision.metrics import metrics_for
+from supervision.scheduler import Scheduler
+
+log = logging.getLogger("tgrelay.relay")
+
+HOUSEKEEPING_INTERVAL_SECONDS = 60.0
+MAX_BATCH = 1000
+
+
+class SendingSide(Protocol):
+    """What the sending side (balancer, token actors, supervisor) offers the relay."""
+
+    def notify_accepted(self, pools: set[str]) -> None: ...
+    def stop(self, drain_seconds: float) -> None: ...
+    def statistics(self) -> dict[str, Any]: ...
+
+
+class RelaySystem:
+    """A running tgrelay: the store, the deduplicator and, when configured, the sending side."""
+
+    def __init__(self, config: Config, metrics: Metrics, alert: AlertSink, store: StoreClient,
+                 dedup: pykka.ActorProxy[DeduplicatorActor]) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.alert = alert
+        self.store = store
+        self._dedup = dedup
+        self._pools = frozenset(config.pools)
+        self._scheduler = Scheduler(alert)
+        self.sending: SendingSide | None = None
+        self._stopped = False
+
+    @classmethod
+    def start(cls, config: Config | str | os.PathLike[str], *, send: bool = True,
+              metrics: Metrics | None = None, alert: AlertSink | None = None) -> RelaySystem:
+        """Open the store (recovering what a crash left), start the actors, start sending.
+
+        ``send=False`` starts only the accepting side (the store and the deduplicator).
+        """
+        if not isinstance(config, Config):
+            config = load_config(config)
+        metrics = metrics or metrics_for(config.statsd)
+        alert = alert or log_alert
+        settings = StoreSettings(
+            path=config.store.path, synchronous=config.store.synchronous,
+            busy_timeout_ms=config.store.busy_timeout_ms,
+            retention_days=config.store.retention_days, archive_path=config.store.archive_path,
+            dedup_ttl_seconds=config.dedup.ttl_seconds)
+        store = start_store(settings, metrics, alert)
+        dedup = DeduplicatorActor.start(config.dedup.window_seconds,
+                                        config.dedup.ttl_seconds).proxy()
+        relay = cls(config, metrics, alert, store, dedup)
+        relay._schedule_housekeeping()
+        if send and config.pools:
+            from supervision.supervisor import start_sending  # the sending side is optional
+
+            relay.sending = start_sending(relay)
+        return relay
+
+    # --- accepting --------------------------------------------------------------------------
+
+    def send(self, chat_id: int | str, text: str, pool: str | None = None, *,
+             dedup_key: str | None = None, parse_mode: str | None = None,
+             disable_notification: bool = False) -> Receipt:
+        """Accept one message; durable (committed) when this returns.
+
+        Raises :class:`~actors.errors.InvalidMessage` for bad input,
+        :class:`~actors.errors.DedupConflict` for a reused key and
+        :class:`~actors.errors.StoreUnavailable` when nothing could be committed.
+        """
+        message = build_message(self._pools, chat_id, text, pool, dedup_key, parse_mode,
+                                disable_notification)
+        (outcome,) = self.accept([message])
+        if isinstance(outcome, TgrelayError):
+            raise outcome
+        return outcome
+
+    def send_many(self, messages: Iterable[Mapping[str, Any]]) -> list[Receipt | TgrelayError]:
+        """Accept a batch (dicts shaped like ``POST /v1/messages`` bodies), in one transaction.
+
+        Returns one entry per message, in order: a :class:`Receipt`, or the error that
+        rejected that message (the others are still accepted).
+        """
+        results: list[Receipt | TgrelayError | None] = []
+        valid: list[OutgoingMessage] = []
+        for body in messages:
+            try:
+                valid.append(message_from_json(body, self._pools))
+                results.append(None)
+            except TgrelayError as error:
+                results.append(error)
+        if len(results) > MAX_BATCH:
+            raise ValueError(f"a batch holds at most {MAX_BATCH} messages, not {len(results)}")
+        accepted = iter(self.accept(valid))
+        return [next(accepted) if entry is None else entry for entry in results]
+
+    def accept(self, messages: Sequence[OutgoingMessage]) -> list[Receipt | TgrelayError]:
+        """Deduplicate and durably store validated messages; one result per message."""
+        if self._stopped:
+            raise StoreUnavailable("the relay is stopped")
+        if not messages:
+            return []
+        admissions = self._dedup.admit(messages).get()
+        fresh = [(message, admission) for message, admission in zip(messages, admissions, strict=True)
+                 if isinstance(admission, DedupProbe)]
+        stored = iter(self.store.call(AcceptMessages(tuple(fresh))) if fresh else [])
+        results: list[Receipt | TgrelayError] = []
+        new: list[tuple[DedupProbe, int]] = []
+        for admission in admissions:
+            if isinstance(admission, DedupProbe):
+                outcome = next(stored)
+                if isinstance(outcome, Receipt) and not outcome.duplicate:
+                    new.append((admission, outcome.id))
+            elif isinstance(admission, KnownDuplicate):
+                outcome = Receipt(admission.original_id, self._status_of(admission.original_id),
+                                  duplicate=True)
+            else:
+                outcome = admission
+            results.append(outcome)
+        if new:
+            self._dedup.remember(new)
+            if self.sending is not None:
+                self.sending.notify_accepted({m.pool for m, _ in fresh})
+        self.metrics.incr("messages.accepted", len(new))
+        duplicates = sum(1 for r in results if isinstance(r, Receipt) and r.duplicate)
+        if duplicates:
+            self.metrics.incr("messages.duplicate", duplicates)
+        return results
+
+    def _status_of(self, message_id: int) -> str:
+        try:
+            return self.store.get(message_id).status
+        except MessageNotFound:
+            return "archived"
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def get(self, message_id: int) -> StoredMessage:
+        return self.store.get(message_id)
+
+    def wait(self, message_id: int, timeout: float = 30.0) -> StoredMessage:
+        """Block until the message is confirmed or failed; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            message = self.store.get(message_id)
+            if message.status in FINAL_STATUSES:
+                return message
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"message {message_id} is still {message.status} "
+                                   f"after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.store.statistics()
+        counts = stats["counts"]
+        finished = counts["confirmed"] + counts["failed"]
+        stats["delivery_rate"] = None if finished == 0 else counts["confirmed"] / finished
+        stats["dedup"] = self._dedup.statistics().get()
+        if self.sending is not None:
+            stats["sending"] = self.sending.statistics()
+        return stats
+
+    def healthy(self) -> bool:
+        try:
+            self.store.statistics()
+        except TgrelayError:
+            return False
+        return not self._stopped
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def _schedule_housekeeping(self) -> None:
+        def housekeep() -> None:
+            while True:
+                done = self.store.call(Housekeep())
+                if done["archived"] < HOUSEKEEPING_PAGE and done["expired"] < HOUSEKEEPING_PAGE:
+                    return
+
+        self._scheduler.every(HOUSEKEEPING_INTERVAL_SECONDS, "store.housekeeping", housekeep,
+                              first_after=1.0)
+        self._scheduler.every(self.config.store.integrity_check_minutes * 60,
+                              "store.integrity_check", lambda: self.store.call(CheckIntegrity()))
+        self._scheduler.start()
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop sending (in-flight sends get ``drain_seconds``), then the deduplicator and store.
+
+        Whatever was not confirmed stays ``pending`` in the store, to be resumed next start.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._scheduler.stop()
+        if self.sending is not None:
+            self.sending.stop(drain_seconds)
+        self._dedup.actor_ref.stop()
+        self.store.actor.stop()
+
+    def __enter__(self) -> RelaySystem:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
