@@ -43,9 +43,20 @@ MAX_BATCH = 1000
 class SendingSide(Protocol):
     """What the sending side (balancer, token actors, supervisor) offers the relay."""
 
-    def notify_accepted(self, pools: set[str]) -> None: ...
-    def stop(self, drain_seconds: float) -> None: ...
-    def statistics(self) -> dict[str, Any]: ...
+    def notify_accepted(self, pools: set[str]) -> None:
+        """New pending rows exist in these pools (called on the accepting thread)."""
+
+    def stop(self, drain_seconds: float) -> None:
+        """Stop claiming; let in-flight sends finish for ``drain_seconds``; release the rest."""
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot for ``status`` and ``GET /v1/stats``."""
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """``GET /v1/tokens`` entries: name, pool, state, weight, sent, failed, rate_limited_until."""
+
+    def validate_token(self, name: str) -> dict[str, Any]:
+        """getMe for one token: name, valid, bot_username, error. ``KeyError`` if unknown."""
 
 
 class RelaySystem:
