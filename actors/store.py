@@ -120,6 +120,7 @@ class StoreSettings:
     retention_days: float = 30.0
     archive_path: str = ""
     dedup_ttl_seconds: float = 86400.0
+    max_db_bytes: int = 0  # 0: no cap; otherwise PRAGMA max_page_count, to protect the disk
 
 
 class StoreActor(pykka.ThreadingActor):
@@ -282,7 +283,9 @@ class StoreActor(pykka.ThreadingActor):
         db.setbusytimeout(self.settings.busy_timeout_ms)
         db.execute("PRAGMA journal_mode=WAL").fetchall()
         db.execute(f"PRAGMA synchronous={self.settings.synchronous.upper()}")
-        db.execute("PRAGMA foreign_keys=ON")
+        if self.settings.max_db_bytes:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max(1, self.settings.max_db_bytes // page_size)}")
         _migrate(db)
         if self.settings.archive_path:
             archive = Path(self.settings.archive_path)
@@ -614,9 +617,9 @@ class StoreClient:
 
 
 def start_store(settings: StoreSettings, metrics: Metrics | None = None,
-                alert: AlertSink = log_alert) -> StoreClient:
+                alert: AlertSink = log_alert, clock: Callable[[], float] = time.time) -> StoreClient:
     """Start the store actor and wait until its database is open and recovered."""
-    ref = StoreActor.start(settings, metrics, alert)
+    ref = StoreActor.start(settings, metrics, alert, clock)
     client = StoreClient(ref)
     try:
         client.statistics()  # blocks until on_start (open, check, recover) has finished

@@ -30,6 +30,7 @@ class StoreConfig:
     retention_days: float = 30.0
     archive_path: str = "var/archive.db"
     busy_timeout_ms: int = 5000
+    max_db_megabytes: int = 0
     integrity_check_minutes: float = 60.0
 
 

@@ -89,7 +89,8 @@ class RelaySystem:
             path=config.store.path, synchronous=config.store.synchronous,
             busy_timeout_ms=config.store.busy_timeout_ms,
             retention_days=config.store.retention_days, archive_path=config.store.archive_path,
-            dedup_ttl_seconds=config.dedup.ttl_seconds)
+            dedup_ttl_seconds=config.dedup.ttl_seconds,
+            max_db_bytes=config.store.max_db_megabytes * 1024 * 1024)
         store = start_store(settings, metrics, alert)
         dedup = DeduplicatorActor.start(config.dedup.window_seconds,
                                         config.dedup.ttl_seconds).proxy()
