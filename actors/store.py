@@ -551,15 +551,21 @@ def _salvage_table(source: apsw.Connection, fresh: apsw.Connection, table: str, 
         return 0
     wanted = [row[1] for row in fresh.execute(f"PRAGMA table_info({table})")]
     names = [name for name in names if name in wanted]
-    select = f"SELECT {key}, {', '.join(names)} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT 500"
+    select = f"SELECT {key}, {', '.join(names)} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
     insert = (f"INSERT OR IGNORE INTO {table} ({', '.join(names)}) "
               f"VALUES ({', '.join('?' * len(names))})")
-    last, skip, copied, failures = 0, 1, 0, 0
-    while failures < 48:
+    # Read in pages; when a read fails, go row by row up to the damage, then step over the
+    # unreadable span one key at a time (doubling only after long gaps) so little is lost.
+    last, page, step, failures, copied = 0, 500, 1, 0, 0
+    while failures < 5000:
         try:
-            rows = source.execute(select, (last,)).fetchall()
+            rows = source.execute(select, (last, page)).fetchall()
         except apsw.Error:
-            last, skip, failures = last + skip, skip * 2, failures + 1
+            if page > 1:
+                page = 1
+                continue
+            failures += 1
+            last, step = last + step, step if failures < 1000 else step * 2
             continue
         if not rows:
             break
@@ -570,7 +576,7 @@ def _salvage_table(source: apsw.Connection, fresh: apsw.Connection, table: str, 
                     copied += 1
                 except apsw.ConstraintError:
                     log.warning("salvage skipped an inconsistent %s row", table)
-        last, skip = rows[-1][0], 1
+        last, page, step = rows[-1][0], 500, 1
     return copied
 
 

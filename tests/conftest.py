@@ -25,7 +25,7 @@ def config_text(tmp_path: Path, extra: str = "", pools: str | None = None) -> st
         '[pools.default]\n[[pools.default.tokens]]\nname = "alpha"\n'
         f'token = "{fake_token()}"\n')
     return (f'[store]\npath = "{tmp_path / "tgrelay.db"}"\n'
-            f'archive_path = "{tmp_path / "archive.db"}"\n{extra}\n{pools}')
+            f'archive_path = "{tmp_path / "archive.db"}"\n{extra}\n\n{pools}')
 
 
 @pytest.fixture
