@@ -140,6 +140,9 @@ class _Reader:
             raise ConfigError("store.synchronous", f'must be "full" or "normal", not {store.synchronous!r}')
         _require_positive(store.retention_days, "store.retention_days")
         _require_positive(store.integrity_check_minutes, "store.integrity_check_minutes")
+        if store.max_db_megabytes < 0 or store.busy_timeout_ms < 0:
+            key = "store.max_db_megabytes" if store.max_db_megabytes < 0 else "store.busy_timeout_ms"
+            raise ConfigError(key, "must not be negative")
         if not store.path:
             raise ConfigError("store.path", "must not be empty")
         dedup = self._section(raw, "dedup", DedupConfig)
