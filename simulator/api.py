@@ -100,7 +100,7 @@ class BotApi:
         ``flood_retry_after`` is set while a 429 storm rages on this token: a known, valid
         token then gets nothing but 429s.
         """
-        chat_ref: ChatRef | None = None
+        chat_ref = _chat_ref_or_none(params.get("chat_id"))
         try:
             bot = self._by_token.get(token)
             if bot is None or self._faults.is_revoked(bot.id):
@@ -110,8 +110,6 @@ class BotApi:
                 raise not_found()
             if flood_retry_after is not None:
                 raise too_many_requests(flood_retry_after)
-            if "chat_id" in params:
-                chat_ref = _chat_ref_or_none(params["chat_id"])
             return handler(self, bot, params)
         except ApiError as error:
             retry_after = (error.parameters or {}).get("retry_after")

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from simulator.envelope import JsonObject, bad_request, forbidden
+from simulator.envelope import ApiError, JsonObject, bad_request, forbidden
 
 SUPERGROUP_ID_CEILING = -1_000_000_000_000
 _USERNAME = re.compile(r"@([A-Za-z][A-Za-z0-9_]{3,31})")
@@ -86,9 +86,9 @@ class ChatDirectory:
 
     def __init__(
         self,
-        missing: Iterable[ChatRef] = (),
-        blocked: Iterable[ChatRef] = (),
-        blocked_per_bot: Mapping[int, Iterable[ChatRef]] | None = None,
+        missing: Iterable[object] = (),
+        blocked: Iterable[object] = (),
+        blocked_per_bot: Mapping[int, Iterable[object]] | None = None,
         migrated: Mapping[int, int] | None = None,
     ) -> None:
         self._lock = threading.Lock()
@@ -159,24 +159,25 @@ class ChatDirectory:
             self._last_message_id[chat_id] = message_id
         return message_id
 
-    def add_missing(self, ref: ChatRef) -> None:
-        chat_id = self.resolve(ref).id
+    def add_missing(self, ref: object) -> None:
+        """Sends to ``ref`` (an id or ``@username``) get 400 chat not found."""
+        chat_id = self._chat_id_of(ref)
         with self._lock:
             self._missing.add(chat_id)
 
-    def remove_missing(self, ref: ChatRef) -> None:
-        chat_id = self.resolve(ref).id
+    def remove_missing(self, ref: object) -> None:
+        chat_id = self._chat_id_of(ref)
         with self._lock:
             self._missing.discard(chat_id)
 
-    def block(self, ref: ChatRef, bot_id: int | None = None) -> None:
+    def block(self, ref: object, bot_id: int | None = None) -> None:
         """``ref`` blocks (or kicked) ``bot_id``, or every bot when ``bot_id`` is ``None``."""
-        chat_id = self.resolve(ref).id
+        chat_id = self._chat_id_of(ref)
         with self._lock:
             self._blocked.add((bot_id, chat_id))
 
-    def unblock(self, ref: ChatRef, bot_id: int | None = None) -> None:
-        chat_id = self.resolve(ref).id
+    def unblock(self, ref: object, bot_id: int | None = None) -> None:
+        chat_id = self._chat_id_of(ref)
         with self._lock:
             self._blocked.discard((bot_id, chat_id))
 
@@ -188,6 +189,12 @@ class ChatDirectory:
             raise ValueError("a supergroup id is -1000000000000 or below")
         with self._lock:
             self._migrated[group_id] = supergroup_id
+
+    def _chat_id_of(self, ref: object) -> int:
+        try:
+            return self.resolve(parse_chat_ref(ref)).id
+        except ApiError:
+            raise ValueError(f"{ref!r} is not a chat id or @username") from None
 
     def snapshot(self) -> JsonObject:
         with self._lock:

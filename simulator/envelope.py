@@ -14,9 +14,7 @@ JsonObject = dict[str, Any]
 class ApiError(Exception):
     """A Bot API failure with Telegram's error code, description and optional parameters."""
 
-    def __init__(
-        self, error_code: int, description: str, parameters: JsonObject | None = None
-    ) -> None:
+    def __init__(self, error_code: int, description: str, parameters: JsonObject | None = None) -> None:
         super().__init__(f"{error_code} {description}")
         self.error_code = error_code
         self.description = description
@@ -30,9 +28,7 @@ def ok_envelope(result: object) -> JsonObject:
     return {"ok": True, "result": result}
 
 
-def error_envelope(
-    error_code: int, description: str, parameters: JsonObject | None = None
-) -> JsonObject:
+def error_envelope(error_code: int, description: str, parameters: JsonObject | None = None) -> JsonObject:
     body: JsonObject = {"ok": False, "error_code": error_code, "description": description}
     if parameters:
         body["parameters"] = parameters
@@ -56,6 +52,4 @@ def forbidden(reason: str) -> ApiError:
 
 
 def too_many_requests(retry_after: int) -> ApiError:
-    return ApiError(
-        429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}
-    )
+    return ApiError(429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after})

@@ -107,6 +107,8 @@ class Faults:
             changed = replace(current, **changes)  # type: ignore[arg-type]
             if bot_id is None:
                 self._global = changed
+            elif changed == FaultSet():
+                self._per_bot.pop(bot_id, None)
             else:
                 self._per_bot[bot_id] = changed
             self._quiet = self._global == FaultSet() and not self._per_bot
@@ -147,9 +149,7 @@ class Faults:
                     return FaultPlan(FaultAction.BAD_GATEWAY, latency)
             for faults in self._scopes(bot_id):
                 if faults.flood_until > now:
-                    retry_after = faults.flood_retry_after or max(
-                        1, math.ceil(faults.flood_until - now)
-                    )
+                    retry_after = faults.flood_retry_after or max(1, math.ceil(faults.flood_until - now))
                     return FaultPlan(FaultAction.FLOOD, latency, retry_after)
         return FaultPlan(FaultAction.ANSWER, latency) if latency else NO_FAULT
 
@@ -184,7 +184,5 @@ class Faults:
 def _describe(faults: FaultSet, now: float) -> dict[str, object]:
     described = asdict(faults)
     for deadline in ("partition_until", "flood_until"):
-        described[deadline.replace("_until", "_seconds_left")] = max(
-            0.0, described.pop(deadline) - now
-        )
+        described[deadline.replace("_until", "_seconds_left")] = max(0.0, described.pop(deadline) - now)
     return described

@@ -20,7 +20,8 @@ class Delivery:
     """A message Telegram would have shown in a chat.
 
     ``chat_id`` is the resolved numeric id; ``chat_ref`` is what the client sent (an id or an
-    ``@username``). ``answer_delayed`` marks a delivery whose answer was held back by the
+    ``@username``, lowercased). ``text`` is exactly what the client sent (Telegram's answer
+    trims surrounding whitespace). ``answer_delayed`` marks a delivery whose answer was held back by the
     accept-then-timeout fault, so the client probably never learnt of it.
     """
 
@@ -107,9 +108,7 @@ class Record:
             self._deliveries.clear()
             self._copies.clear()
 
-    def deliveries(
-        self, bot_id: int | None = None, chat_id: int | None = None
-    ) -> list[Delivery]:
+    def deliveries(self, bot_id: int | None = None, chat_id: int | None = None) -> list[Delivery]:
         """Deliveries in the order they happened, optionally only one bot's or one chat's."""
         with self._lock:
             found = list(self._deliveries)
