@@ -1,4 +1,4 @@
-"""The deduplicator actor: recognises a message handed over twice.
+"""The deduplicator actor: recognises a message handed over twice, and batches intake.
 
 Two kinds of identity (DESIGN.md 9):
 
@@ -9,41 +9,54 @@ Two kinds of identity (DESIGN.md 9):
   same key within ``ttl_seconds`` is a duplicate, and the same key with a different payload is
   a client bug answered with :class:`~actors.errors.DedupConflict`.
 
-The actor keeps a bounded in-memory front of recent decisions, so a burst of retries is
-answered without a write transaction. The store is the arbiter for everything the front does
-not know (after a restart, or two identical messages in flight at once): it checks
-``deduplication_cache`` inside the accepting transaction, which is what makes "N threads submit
-the same message, exactly one is accepted" true.
+Every message on its way into the store passes through this actor. Like the store's group
+commit, it drains its mailbox: everything it found becomes one ``AcceptMessages`` command, so
+sixteen concurrent callers cost one store command, not sixteen. It never waits for the store:
+the store's answer is delivered to each caller by a callback when the commit is done.
 
-Threading: :meth:`admit` and :meth:`remember` run in the actor's thread (called through a
-pykka proxy); :func:`fingerprint` is pure and runs anywhere.
+The store is the arbiter: it checks ``deduplication_cache`` inside the accepting transaction,
+which is what makes "N threads submit the same message, exactly one is accepted" true, also
+after a restart. This actor's in-memory front remembers recent keys and their payloads, so a
+reused key with another payload is refused at once, before any database work.
+
+Threading: :meth:`on_receive` runs in the actor's thread; the delivery callback runs in the
+store's thread after its commit; :func:`fingerprint` is pure and runs anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
 
 import pykka
 
-from actors.errors import DedupConflict
-from actors.messages import ChatId, DedupProbe, OutgoingMessage
+from actors.errors import DedupConflict, TgrelayError
+from actors.messages import AcceptMessages, ChatId, DedupProbe, OutgoingMessage, Receipt
 
 MEMORY_LIMIT = 200_000
+MAX_FORWARD = 5000  # messages in one AcceptMessages: bounds one transaction's size
 
 
 @dataclass(frozen=True)
-class KnownDuplicate:
-    """The front already knows the original: no write is needed."""
+class AdmitMessages:
+    """Deduplicate and store these messages; ``reply`` gets one result per message."""
 
-    original_id: int
+    messages: tuple[OutgoingMessage, ...]
+    reply: Future[list[Receipt | TgrelayError]] = field(default_factory=Future, compare=False)
 
 
-Admission = DedupProbe | KnownDuplicate | DedupConflict
+@dataclass(frozen=True)
+class RememberAccepted:
+    """The store accepted these probes as new messages (from the delivery callback)."""
+
+    accepted: tuple[tuple[DedupProbe, int], ...]
 
 
 @dataclass(frozen=True)
@@ -75,35 +88,75 @@ def fingerprint(message: OutgoingMessage, window_seconds: float, ttl_seconds: fl
 
 
 class DeduplicatorActor(pykka.ThreadingActor):
+    use_daemon_thread = True  # a process that forgets stop() still exits; nothing is lost
     def __init__(self, window_seconds: float, ttl_seconds: float,
+                 submit_to_store: Callable[[AcceptMessages], Future[Any]],
                  clock: Callable[[], float] = time.time, memory_limit: int = MEMORY_LIMIT) -> None:
         super().__init__()
         self.window_seconds = window_seconds
         self.ttl_seconds = ttl_seconds
+        self._submit = submit_to_store
         self._clock = clock
         self._memory_limit = memory_limit
         self._front: OrderedDict[str, _Remembered] = OrderedDict()
-        self.front_hits = 0
+        self._waiting: list[tuple[AdmitMessages, list[DedupProbe | DedupConflict]]] = []
+        self._waiting_count = 0
+        self.conflicts_at_front = 0
 
-    def admit(self, messages: Sequence[OutgoingMessage]) -> list[Admission]:
-        """For each message: a known duplicate, a conflict, or a probe for the store."""
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case AdmitMessages():
+                self._admit(message)
+            case RememberAccepted(accepted=accepted):
+                self._remember(accepted)
+            case _:
+                raise TypeError(f"the deduplicator does not understand {type(message).__name__}")
+        return None
+
+    def statistics(self) -> dict[str, int]:
+        return {"remembered": len(self._front), "conflicts_at_front": self.conflicts_at_front}
+
+    def on_stop(self) -> None:
+        self._forward()
+
+    # --- admission --------------------------------------------------------------------------
+
+    def _admit(self, command: AdmitMessages) -> None:
         now = self._clock()
         self._forget_expired(now)
-        admissions: list[Admission] = []
-        for message in messages:
+        admissions: list[DedupProbe | DedupConflict] = []
+        for message in command.messages:
             probe = fingerprint(message, self.window_seconds, self.ttl_seconds)
             known = self._front.get(probe.hash)
-            if known is None or known.created_at <= now - probe.match_seconds:
-                admissions.append(probe)
-            elif probe.dedup_key is not None and known.payload_hash != probe.payload_hash:
+            if (known is not None and probe.dedup_key is not None
+                    and known.created_at > now - probe.match_seconds
+                    and known.payload_hash != probe.payload_hash):
+                self.conflicts_at_front += 1
                 admissions.append(DedupConflict(probe.dedup_key, known.message_id))
             else:
-                self.front_hits += 1
-                admissions.append(KnownDuplicate(known.message_id))
-        return admissions
+                admissions.append(probe)
+        self._waiting.append((command, admissions))
+        self._waiting_count += len(command.messages)
+        if self._waiting_count >= MAX_FORWARD or self.actor_inbox.empty():
+            self._forward()
 
-    def remember(self, accepted: Sequence[tuple[DedupProbe, int]]) -> None:
-        """Record probes the store accepted as new messages (a ``tell``; nobody waits)."""
+    def _forward(self) -> None:
+        """Everything admitted since the last forward goes to the store as one command."""
+        waiting, self._waiting, self._waiting_count = self._waiting, [], 0
+        if not waiting:
+            return
+        to_store = tuple((message, admission)
+                         for command, admissions in waiting
+                         for message, admission in zip(command.messages, admissions, strict=True)
+                         if isinstance(admission, DedupProbe))
+        if not to_store:
+            _deliver(waiting, [], None)
+            return
+        stored = self._submit(AcceptMessages(to_store))
+        remember = self.actor_ref.tell
+        stored.add_done_callback(lambda done: _deliver(waiting, done, remember))
+
+    def _remember(self, accepted: Sequence[tuple[DedupProbe, int]]) -> None:
         now = self._clock()
         for probe, message_id in accepted:
             self._front[probe.hash] = _Remembered(message_id, now, probe.payload_hash,
@@ -111,9 +164,6 @@ class DeduplicatorActor(pykka.ThreadingActor):
             self._front.move_to_end(probe.hash)
         while len(self._front) > self._memory_limit:
             self._front.popitem(last=False)
-
-    def statistics(self) -> dict[str, int]:
-        return {"remembered": len(self._front), "front_hits": self.front_hits}
 
     def _forget_expired(self, now: float) -> None:
         # Entries are in insertion (= time) order; a key entry may outlive the window, so we
@@ -123,3 +173,29 @@ class DeduplicatorActor(pykka.ThreadingActor):
             if oldest.created_at > now - oldest.match_seconds:
                 break
             self._front.popitem(last=False)
+
+
+def _deliver(waiting: list[tuple[AdmitMessages, list[DedupProbe | DedupConflict]]],
+             stored: Future[Any] | list[Any], remember: Callable[[Any], None] | None) -> None:
+    """Give each caller its results (runs in the store's thread, after the commit)."""
+    if isinstance(stored, Future) and stored.exception() is not None:
+        for command, _ in waiting:
+            command.reply.set_exception(stored.exception())  # type: ignore[arg-type]
+        return
+    outcomes = iter(stored.result() if isinstance(stored, Future) else stored)
+    accepted: list[tuple[DedupProbe, int]] = []
+    for command, admissions in waiting:
+        results: list[Receipt | TgrelayError] = []
+        for admission in admissions:
+            if isinstance(admission, DedupConflict):
+                results.append(admission)
+                continue
+            outcome = next(outcomes)
+            if isinstance(outcome, Receipt) and not outcome.duplicate:
+                accepted.append((admission, outcome.id))
+            results.append(outcome)
+        command.reply.set_result(results)
+    if accepted and remember is not None:
+        # While stopping the actor may be gone: the front is only a cache, the store has every row.
+        with contextlib.suppress(pykka.ActorDeadError):
+            remember(RememberAccepted(tuple(accepted)))

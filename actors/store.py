@@ -41,6 +41,7 @@ from actors.messages import (
     GetStatistics,
     Housekeep,
     MarkSent,
+    MarkUnreachable,
     Receipt,
     RecoveryReport,
     ReleaseLeases,
@@ -52,7 +53,7 @@ from actors.observe import AlertSink, Metrics, NullMetrics, log_alert
 
 log = logging.getLogger("tgrelay.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_GROUP = 2000  # commands per transaction: bounds how long the first caller waits
 HOUSEKEEPING_PAGE = 5000
 
@@ -100,6 +101,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX deduplication_cache_hash ON deduplication_cache(hash, created_at);
     CREATE INDEX deduplication_cache_expiry ON deduplication_cache(expires_at);
     """,
+    # (message, token) pairs refused with 403: the message goes to another token of the pool,
+    # and fails once every token was refused. Rows vanish with their message.
+    """
+    CREATE TABLE message_unreachable (
+        message_id INTEGER NOT NULL REFERENCES message_store(id) ON DELETE CASCADE,
+        token TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (message_id, token)) WITHOUT ROWID;
+    """,
 ]
 
 _MESSAGE_FIELDS = (
@@ -125,6 +135,8 @@ class StoreSettings:
 
 class StoreActor(pykka.ThreadingActor):
     """Owns the SQLite database; see the module docstring for the commit protocol."""
+
+    use_daemon_thread = True  # a process that forgets stop() still exits: SQLite has every row
 
     def __init__(self, settings: StoreSettings, metrics: Metrics | None = None,
                  alert: AlertSink = log_alert, clock: Callable[[], float] = time.time) -> None:
@@ -344,10 +356,12 @@ class StoreActor(pykka.ThreadingActor):
         match command:
             case AcceptMessages(messages=messages):
                 return [self._accept_one(db, message, probe, now) for message, probe in messages]
-            case ClaimDue(pool=pool, owners=owners):
-                return self._claim(db, pool, owners, now)
-            case MarkSent(ids=ids, token=token):
-                return self._mark_sent(db, ids, token, now)
+            case ClaimDue(pool=pool, owners=owners, tokens=tokens):
+                return self._claim(db, pool, owners, tokens or owners, now)
+            case MarkSent(ids=ids, token=token, owner=owner):
+                return self._mark_sent(db, ids, token, owner or token, now)
+            case MarkUnreachable():
+                return self._mark_unreachable(db, command, now)
             case ConfirmSent(id=message_id, telegram_message_id=telegram_id, token=token):
                 db.execute("UPDATE message_store SET status = 'confirmed', "
                            "telegram_message_id = ?, token = ?, lease_owner = NULL, "
@@ -398,44 +412,87 @@ class StoreActor(pykka.ThreadingActor):
                     now + self.settings.dedup_ttl_seconds))
         return Receipt(message_id, PENDING, duplicate=False)
 
-    def _claim(self, db: apsw.Connection, pool: str, owners: Sequence[str], now: float
-               ) -> list[ClaimedMessage]:
+    def _claim(self, db: apsw.Connection, pool: str, owners: Sequence[str],
+               tokens: Sequence[str], now: float) -> list[ClaimedMessage]:
         if not owners:
             return []
         # Over-read: rows of a chat that is already busy (or already taken in this page) are
         # skipped so that each chat has at most one message in flight, in accepted order.
         rows = db.execute(
-            "SELECT id, chat_id, message_text, parse_mode, disable_notification, retry_count "
-            "FROM message_store m WHERE status = 'pending' AND lease_owner IS NULL "
+            "SELECT id, chat_id, message_text, parse_mode, disable_notification, retry_count, "
+            "timestamp FROM message_store m WHERE status = 'pending' AND lease_owner IS NULL "
             "AND pool = ? AND next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM message_store b "
             "WHERE b.chat_id = m.chat_id AND b.lease_owner IS NOT NULL) "
-            "ORDER BY next_attempt_at, id LIMIT ?", (pool, now, len(owners) * 4))
+            "ORDER BY next_attempt_at, id LIMIT ?", (pool, now, len(owners) * 4)).fetchall()
+        refused = self._refused_tokens(db, [row[0] for row in rows])
+        free_slots = list(range(len(owners)))
         claimed: list[ClaimedMessage] = []
         chats: set[Any] = set()
-        for message_id, chat_id, text, parse_mode, silent, retries in rows:
+        for message_id, chat_id, text, parse_mode, silent, retries, accepted_at in rows:
             if chat_id in chats:
                 continue
             chats.add(chat_id)
-            owner = owners[len(claimed)]
+            excluded = refused.get(message_id, ())
+            slot = next((s for s in free_slots if tokens[s] not in excluded), None)
+            if slot is None:
+                continue
+            free_slots.remove(slot)
             claimed.append(ClaimedMessage(message_id, chat_id, text, pool, parse_mode,
-                                          bool(silent), retries, owner))
-            if len(claimed) == len(owners):
+                                          bool(silent), retries, owners[slot], tokens[slot],
+                                          accepted_at))
+            if not free_slots:
                 break
         db.executemany("UPDATE message_store SET lease_owner = ?, token = ?, updated_at = ? "
-                       "WHERE id = ?", [(c.owner, c.owner, now, c.id) for c in claimed])
+                       "WHERE id = ?", [(c.owner, c.token, now, c.id) for c in claimed])
         return claimed
 
-    def _mark_sent(self, db: apsw.Connection, ids: Iterable[int], token: str, now: float
-                   ) -> list[int]:
-        """Only rows still leased to ``token`` may go out: a rerouted row is not sent twice."""
+    @staticmethod
+    def _refused_tokens(db: apsw.Connection, ids: Sequence[int]) -> dict[int, set[str]]:
+        if not ids or db.execute("SELECT NOT EXISTS (SELECT 1 FROM message_unreachable)"
+                                 ).fetchone()[0]:
+            return {}
+        refused: dict[int, set[str]] = {}
+        marks = ",".join("?" * len(ids))
+        for message_id, token in db.execute(
+                f"SELECT message_id, token FROM message_unreachable WHERE message_id IN ({marks})",
+                ids):
+            refused.setdefault(message_id, set()).add(token)
+        return refused
+
+    def _mark_sent(self, db: apsw.Connection, ids: Iterable[int], token: str, owner: str,
+                   now: float) -> list[int]:
+        """Only rows still leased to ``owner`` may go out: a rerouted row is not sent twice."""
         marked = []
         for message_id in ids:
             db.execute("UPDATE message_store SET status = 'sent', token = ?, updated_at = ? "
                        "WHERE id = ? AND lease_owner = ? AND status = 'pending'",
-                       (token, now, message_id, token))
+                       (token, now, message_id, owner))
             if db.changes() == 1:
                 marked.append(message_id)
         return marked
+
+    def _mark_unreachable(self, db: apsw.Connection, command: MarkUnreachable, now: float
+                          ) -> str:
+        leased = db.execute("SELECT 1 FROM message_store WHERE id = ? AND lease_owner = ? "
+                            "AND status IN ('pending', 'sent')",
+                            (command.id, command.owner)).fetchone()
+        if leased is None:
+            return "lost"
+        db.execute("INSERT OR REPLACE INTO message_unreachable (message_id, token, reason) "
+                   "VALUES (?, ?, ?)", (command.id, command.token, command.reason))
+        refused = {token for (token,) in db.execute(
+            "SELECT token FROM message_unreachable WHERE message_id = ?", (command.id,))}
+        if refused.issuperset(command.candidates):
+            reason = (f"{command.reason} (refused by every token of the pool: "
+                      f"{', '.join(sorted(refused))})")
+            db.execute("UPDATE message_store SET status = 'failed', last_error = ?, token = ?, "
+                       "lease_owner = NULL, updated_at = ? WHERE id = ?",
+                       (reason, command.token, now, command.id))
+            return "failed"
+        db.execute("UPDATE message_store SET status = 'pending', lease_owner = NULL, "
+                   "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                   (command.reason, now, now, command.id))
+        return "released"
 
     def _release(self, db: apsw.Connection, command: ReleaseMessage, now: float) -> bool:
         db.execute(

@@ -6,6 +6,7 @@ same object in an HTTP server. All its methods are thread-safe: they only talk t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -15,13 +16,11 @@ from typing import Any, Protocol
 
 import pykka
 
-from actors.dedup import DeduplicatorActor, KnownDuplicate
-from actors.errors import MessageNotFound, StoreUnavailable, TgrelayError
+from actors.dedup import AdmitMessages, DeduplicatorActor
+from actors.errors import StoreUnavailable, TgrelayError
 from actors.messages import (
     FINAL_STATUSES,
-    AcceptMessages,
     CheckIntegrity,
-    DedupProbe,
     Housekeep,
     OutgoingMessage,
     Receipt,
@@ -63,7 +62,7 @@ class RelaySystem:
     """A running tgrelay: the store, the deduplicator and, when configured, the sending side."""
 
     def __init__(self, config: Config, metrics: Metrics, alert: AlertSink, store: StoreClient,
-                 dedup: pykka.ActorProxy[DeduplicatorActor]) -> None:
+                 dedup: pykka.ActorRef[DeduplicatorActor]) -> None:
         self.config = config
         self.metrics = metrics
         self.alert = alert
@@ -92,10 +91,11 @@ class RelaySystem:
             dedup_ttl_seconds=config.dedup.ttl_seconds,
             max_db_bytes=config.store.max_db_megabytes * 1024 * 1024)
         store = start_store(settings, metrics, alert)
-        dedup = DeduplicatorActor.start(config.dedup.window_seconds,
-                                        config.dedup.ttl_seconds).proxy()
+        dedup = DeduplicatorActor.start(config.dedup.window_seconds, config.dedup.ttl_seconds,
+                                        store.submit)
         relay = cls(config, metrics, alert, store, dedup)
         relay._schedule_housekeeping()
+        atexit.register(relay.stop)
         if send and config.pools:
             from supervision.supervisor import start_sending  # the sending side is optional
 
@@ -140,43 +140,33 @@ class RelaySystem:
         return [next(accepted) if entry is None else entry for entry in results]
 
     def accept(self, messages: Sequence[OutgoingMessage]) -> list[Receipt | TgrelayError]:
-        """Deduplicate and durably store validated messages; one result per message."""
+        """Deduplicate and durably store validated messages; one result per message.
+
+        The deduplicator batches concurrent callers into one store command (see
+        ``actors.dedup``); this returns once the store has committed this caller's rows.
+        """
         if self._stopped:
             raise StoreUnavailable("the relay is stopped")
         if not messages:
             return []
-        admissions = self._dedup.admit(messages).get()
-        fresh = [(message, admission) for message, admission in zip(messages, admissions, strict=True)
-                 if isinstance(admission, DedupProbe)]
-        stored = iter(self.store.call(AcceptMessages(tuple(fresh))) if fresh else [])
-        results: list[Receipt | TgrelayError] = []
-        new: list[tuple[DedupProbe, int]] = []
-        for admission in admissions:
-            if isinstance(admission, DedupProbe):
-                outcome = next(stored)
-                if isinstance(outcome, Receipt) and not outcome.duplicate:
-                    new.append((admission, outcome.id))
-            elif isinstance(admission, KnownDuplicate):
-                outcome = Receipt(admission.original_id, self._status_of(admission.original_id),
-                                  duplicate=True)
-            else:
-                outcome = admission
-            results.append(outcome)
-        if new:
-            self._dedup.remember(new)
-            if self.sending is not None:
-                self.sending.notify_accepted({m.pool for m, _ in fresh})
-        self.metrics.incr("messages.accepted", len(new))
+        command = AdmitMessages(tuple(messages))
+        try:
+            self._dedup.tell(command)
+        except pykka.ActorDeadError:
+            raise StoreUnavailable("the deduplicator is not running") from None
+        try:
+            results: list[Receipt | TgrelayError] = command.reply.result(timeout=self.store.timeout)
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer from the store within {self.store.timeout:g} s") from None
+        new_count = sum(1 for r in results if isinstance(r, Receipt) and not r.duplicate)
         duplicates = sum(1 for r in results if isinstance(r, Receipt) and r.duplicate)
+        if new_count:
+            self.metrics.incr("messages.accepted", new_count)
+            if self.sending is not None:
+                self.sending.notify_accepted({m.pool for m in messages})
         if duplicates:
             self.metrics.incr("messages.duplicate", duplicates)
         return results
-
-    def _status_of(self, message_id: int) -> str:
-        try:
-            return self.store.get(message_id).status
-        except MessageNotFound:
-            return "archived"
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -202,7 +192,7 @@ class RelaySystem:
         counts = stats["counts"]
         finished = counts["confirmed"] + counts["failed"]
         stats["delivery_rate"] = None if finished == 0 else counts["confirmed"] / finished
-        stats["dedup"] = self._dedup.statistics().get()
+        stats["dedup"] = self._dedup.proxy().statistics().get()
         if self.sending is not None:
             stats["sending"] = self.sending.statistics()
         return stats
@@ -237,10 +227,11 @@ class RelaySystem:
         if self._stopped:
             return
         self._stopped = True
+        atexit.unregister(self.stop)
         self._scheduler.stop()
         if self.sending is not None:
             self.sending.stop(drain_seconds)
-        self._dedup.actor_ref.stop()
+        self._dedup.stop()
         self.store.actor.stop()
 
     def __enter__(self) -> RelaySystem:

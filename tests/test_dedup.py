@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.dedup import DeduplicatorActor, KnownDuplicate, fingerprint
+from actors.dedup import AdmitMessages, DeduplicatorActor, fingerprint
 from actors.errors import DedupConflict
 from actors.messages import AcceptMessages, Housekeep, OutgoingMessage
 from supervision import RelaySystem
@@ -70,17 +70,25 @@ def test_different_texts_or_chats_are_not_duplicates() -> None:
     assert fingerprint(OutgoingMessage(1, "t ", "default"), 300, 86400).hash != base
 
 
-def test_the_memory_front_answers_a_known_duplicate_and_spots_a_key_conflict() -> None:
+def test_the_memory_front_refuses_a_key_conflict_before_any_database_work(store) -> None:  # type: ignore[no-untyped-def]
     clock = FakeClock()
-    dedup = DeduplicatorActor.start(300.0, 86400.0, clock).proxy()
+    dedup = DeduplicatorActor.start(300.0, 86400.0, store.submit, clock)
+
+    def admit(*messages: OutgoingMessage) -> list:
+        command = AdmitMessages(messages)
+        dedup.tell(command)
+        return command.reply.result(timeout=10)
+
     keyed = OutgoingMessage(1, "a", "default", dedup_key="k")
-    (probe,) = dedup.admit([keyed]).get()
-    dedup.remember([(probe, 7)]).get()
-    assert dedup.admit([keyed]).get() == [KnownDuplicate(7)]
-    (conflict,) = dedup.admit([OutgoingMessage(1, "b", "default", dedup_key="k")]).get()
-    assert isinstance(conflict, DedupConflict)
+    (original,) = admit(keyed)
+    (again,) = admit(keyed)
+    assert again.duplicate and again.id == original.id
+    (conflict,) = admit(OutgoingMessage(1, "b", "default", dedup_key="k"))
+    assert isinstance(conflict, DedupConflict) and conflict.original_id == original.id
+    assert dedup.proxy().statistics().get()["conflicts_at_front"] == 1
     clock.now += 86401
-    assert dedup.admit([keyed]).get() == [probe]
+    (conflict_in_store,) = admit(OutgoingMessage(1, "b", "default", dedup_key="k"))
+    assert isinstance(conflict_in_store, DedupConflict), "the store still knows the key"
 
 
 @pytest.fixture
