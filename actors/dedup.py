@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +37,7 @@ import pykka
 
 from actors.errors import DedupConflict, TgrelayError
 from actors.messages import AcceptMessages, ChatId, DedupProbe, OutgoingMessage, Receipt
+from actors.reply import Reply
 
 MEMORY_LIMIT = 200_000
 MAX_FORWARD = 5000  # messages in one AcceptMessages: bounds one transaction's size
@@ -49,7 +48,7 @@ class AdmitMessages:
     """Deduplicate and store these messages; ``reply`` gets one result per message."""
 
     messages: tuple[OutgoingMessage, ...]
-    reply: Future[list[Receipt | TgrelayError]] = field(default_factory=Future, compare=False)
+    reply: Reply[list[Receipt | TgrelayError]] = field(default_factory=Reply, compare=False)
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,9 @@ def canonical_chat(chat_id: ChatId) -> str:
 
 
 def _sha256(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+    # Length-prefixed, so no choice of texts can make two different tuples encode alike.
+    encoded = "".join(f"{len(text)}:{text}" for text in map(str, parts))
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def fingerprint(message: OutgoingMessage, window_seconds: float, ttl_seconds: float) -> DedupProbe:
@@ -90,7 +91,7 @@ def fingerprint(message: OutgoingMessage, window_seconds: float, ttl_seconds: fl
 class DeduplicatorActor(pykka.ThreadingActor):
     use_daemon_thread = True  # a process that forgets stop() still exits; nothing is lost
     def __init__(self, window_seconds: float, ttl_seconds: float,
-                 submit_to_store: Callable[[AcceptMessages], Future[Any]],
+                 submit_to_store: Callable[[AcceptMessages], Reply[Any]],
                  clock: Callable[[], float] = time.time, memory_limit: int = MEMORY_LIMIT) -> None:
         super().__init__()
         self.window_seconds = window_seconds
@@ -176,13 +177,13 @@ class DeduplicatorActor(pykka.ThreadingActor):
 
 
 def _deliver(waiting: list[tuple[AdmitMessages, list[DedupProbe | DedupConflict]]],
-             stored: Future[Any] | list[Any], remember: Callable[[Any], None] | None) -> None:
+             stored: Reply[Any] | list[Any], remember: Callable[[Any], None] | None) -> None:
     """Give each caller its results (runs in the store's thread, after the commit)."""
-    if isinstance(stored, Future) and stored.exception() is not None:
+    if isinstance(stored, Reply) and stored.exception() is not None:
         for command, _ in waiting:
             command.reply.set_exception(stored.exception())  # type: ignore[arg-type]
         return
-    outcomes = iter(stored.result() if isinstance(stored, Future) else stored)
+    outcomes = iter(stored.result() if isinstance(stored, Reply) else stored)
     accepted: list[tuple[DedupProbe, int]] = []
     for command, admissions in waiting:
         results: list[Receipt | TgrelayError] = []

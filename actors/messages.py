@@ -1,15 +1,16 @@
 """Records and commands exchanged between tgrelay's actors.
 
-Every command to the store carries its own :class:`~concurrent.futures.Future`: the store
+Every command to the store carries its own :class:`~actors.reply.Reply`: the store
 answers only after the transaction holding the change has committed (group commit), which a
 plain pykka ``ask`` cannot express because pykka replies as soon as the handler returns.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from actors.reply import Reply
 
 PENDING = "pending"
 SENT = "sent"
@@ -94,6 +95,8 @@ class ClaimedMessage:
     disable_notification: bool
     retry_count: int
     owner: str
+    token: str = ""  # the token's name when ``owner`` is a generation-qualified lease owner
+    accepted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class RecoveryReport:
 
 @dataclass(frozen=True)
 class StoreCommand:
-    reply: Future[Any] = field(default_factory=Future, compare=False, repr=False, kw_only=True)
+    reply: Reply[Any] = field(default_factory=Reply, compare=False, repr=False, kw_only=True)
     writes = True
 
 
@@ -127,10 +130,16 @@ class ClaimDue(StoreCommand):
 
     Rows whose chat already has a leased row are skipped, so one chat's messages go out in
     the order they were accepted. Answers ``list[ClaimedMessage]``.
+
+    ``tokens`` (optional) names the token behind each owner, when owners are lease owners such
+    as ``alpha#3`` (one per token actor generation): the row's ``token`` column gets the name,
+    and a row is never leased to a token that :class:`MarkUnreachable` recorded for it (it
+    goes to the next owner of the page that is allowed, or waits for a later page).
     """
 
     pool: str
     owners: tuple[str, ...]
+    tokens: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,24 @@ class MarkSent(StoreCommand):
 
     ids: tuple[int, ...]
     token: str
+    owner: str | None = None  # the lease owner to check, when it is not ``token`` itself
+
+
+@dataclass(frozen=True)
+class MarkUnreachable(StoreCommand):
+    """``token`` cannot write to this row's chat (403 blocked or kicked).
+
+    The pair is recorded for the message; if every one of ``candidates`` (the pool's usable
+    tokens) has now been refused, the row fails with ``reason``, else it goes back to pending
+    for another token. Only a row still leased to ``owner`` changes. Answers ``"failed"``,
+    ``"released"`` or ``"lost"`` (the lease had moved on).
+    """
+
+    id: int
+    owner: str
+    token: str
+    reason: str
+    candidates: tuple[str, ...]
 
 
 @dataclass(frozen=True)

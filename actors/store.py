@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from actors.messages import (
     StoredMessage,
 )
 from actors.observe import AlertSink, Metrics, NullMetrics, log_alert
+from actors.reply import Reply
 
 log = logging.getLogger("tgrelay.store")
 
@@ -146,7 +146,7 @@ class StoreActor(pykka.ThreadingActor):
         self._alert = alert
         self._clock = clock
         self._db: apsw.Connection | None = None
-        self._held: list[tuple[Future[Any], Any]] = []
+        self._held: list[tuple[Reply[Any], Any]] = []
         self._txn_started = 0.0
         self.recovery = RecoveryReport(0, 0, 0)
         self.last_integrity_check: tuple[float, bool] | None = None
@@ -244,7 +244,7 @@ class StoreActor(pykka.ThreadingActor):
         for reply, _ in held:
             reply.set_exception(error)
 
-    def _handle_database_error(self, error: apsw.Error, reply: Future[Any] | None) -> None:
+    def _handle_database_error(self, error: apsw.Error, reply: Reply[Any] | None) -> None:
         """A durable commit is impossible: fail every held caller with a clear reason."""
         reason = _describe(error)
         self._metrics.incr("store.errors")
@@ -266,7 +266,7 @@ class StoreActor(pykka.ThreadingActor):
             if isinstance(command, StoreCommand) and not command.reply.done():
                 command.reply.set_exception(error)
 
-    def _connection(self, reply: Future[Any]) -> apsw.Connection | None:
+    def _connection(self, reply: Reply[Any]) -> apsw.Connection | None:
         if self._db is None:
             try:
                 self._open(check=False)
@@ -656,7 +656,7 @@ class StoreClient:
         self.actor = actor
         self.timeout = timeout
 
-    def submit(self, command: StoreCommand) -> Future[Any]:
+    def submit(self, command: StoreCommand) -> Reply[Any]:
         try:
             self.actor.tell(command)
         except pykka.ActorDeadError:
