@@ -112,10 +112,16 @@ class DeduplicatorActor(pykka.ThreadingActor):
                 self._remember(accepted)
             case _:
                 raise TypeError(f"the deduplicator does not understand {type(message).__name__}")
+        self._forward_if_idle()
         return None
 
     def statistics(self) -> dict[str, int]:
+        self._forward_if_idle()  # proxy calls bypass on_receive; admissions must not wait on them
         return {"remembered": len(self._front), "conflicts_at_front": self.conflicts_at_front}
+
+    def _forward_if_idle(self) -> None:
+        if self._waiting and (self._waiting_count >= MAX_FORWARD or self.actor_inbox.empty()):
+            self._forward()
 
     def on_stop(self) -> None:
         self._forward()
@@ -126,8 +132,13 @@ class DeduplicatorActor(pykka.ThreadingActor):
         now = self._clock()
         self._forget_expired(now)
         admissions: list[DedupProbe | DedupConflict] = []
-        for message in command.messages:
-            probe = fingerprint(message, self.window_seconds, self.ttl_seconds)
+        try:
+            probes = [fingerprint(message, self.window_seconds, self.ttl_seconds)
+                      for message in command.messages]
+        except Exception as error:  # noqa: BLE001 -- a bad message fails its caller, not the actor
+            command.reply.set_exception(error)
+            return
+        for probe in probes:
             known = self._front.get(probe.hash)
             if (known is not None and probe.dedup_key is not None
                     and known.created_at > now - probe.match_seconds
@@ -138,8 +149,6 @@ class DeduplicatorActor(pykka.ThreadingActor):
                 admissions.append(probe)
         self._waiting.append((command, admissions))
         self._waiting_count += len(command.messages)
-        if self._waiting_count >= MAX_FORWARD or self.actor_inbox.empty():
-            self._forward()
 
     def _forward(self) -> None:
         """Everything admitted since the last forward goes to the store as one command."""

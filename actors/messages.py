@@ -225,3 +225,10 @@ class CheckIntegrity(StoreCommand):
     """Run ``PRAGMA quick_check``; on damage, recover into a fresh file. Answers ``bool``."""
 
     writes = False
+
+
+@dataclass(frozen=True)
+class Ping(StoreCommand):
+    """Answers ``True`` once the store can serve (a cheap health check)."""
+
+    writes = False

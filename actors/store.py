@@ -41,6 +41,7 @@ from actors.messages import (
     Housekeep,
     MarkSent,
     MarkUnreachable,
+    Ping,
     Receipt,
     RecoveryReport,
     ReleaseLeases,
@@ -534,6 +535,8 @@ class StoreActor(pykka.ThreadingActor):
                     if row is None:
                         raise MessageNotFound(f"no message with id {message_id}")
                     command.reply.set_result(StoredMessage(*row))
+                case Ping():
+                    command.reply.set_result(True)
                 case GetStatistics():
                     command.reply.set_result(self._statistics(db))
                 case CheckIntegrity():

@@ -79,6 +79,7 @@ def _text(value: Any) -> str:
         raise InvalidMessage("text must be a string")
     if not value.strip():
         raise InvalidMessage("text must not be empty")
+    _require_encodable(value, "text")
     if len(value) > MAX_TEXT_CODE_POINTS:
         raise InvalidMessage(f"text is {len(value)} characters; Telegram allows at most "
                              f"{MAX_TEXT_CODE_POINTS}")
@@ -104,7 +105,16 @@ def _dedup_key(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_DEDUP_KEY:
         raise InvalidMessage(f"dedup_key must be a string of 1-{MAX_DEDUP_KEY} characters")
+    _require_encodable(value, "dedup_key")
     return value
+
+
+def _require_encodable(value: str, field: str) -> None:
+    """Lone surrogates (possible in Python strings and JSON escapes) are not valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"{field} is not valid Unicode (it holds a lone surrogate)") from None
 
 
 def _parse_mode(value: Any) -> str | None:

@@ -23,6 +23,7 @@ from actors.messages import (
     CheckIntegrity,
     Housekeep,
     OutgoingMessage,
+    Ping,
     Receipt,
     StoredMessage,
 )
@@ -199,7 +200,7 @@ class RelaySystem:
 
     def healthy(self) -> bool:
         try:
-            self.store.statistics()
+            self.store.call(Ping())
         except TgrelayError:
             return False
         return not self._stopped

@@ -165,3 +165,12 @@ def test_a_duplicate_reports_the_originals_current_status(relay: RelaySystem, tm
     relay.store.call(ConfirmSent(original.id, 1234, "alpha"))
     again = relay.send(chat_id=9, text="status please")
     assert (again.id, again.status, again.duplicate) == (original.id, "confirmed", True)
+
+
+def test_a_text_that_is_not_valid_unicode_is_refused_and_the_relay_goes_on(relay: RelaySystem) -> None:
+    from actors.errors import InvalidMessage
+
+    with pytest.raises(InvalidMessage, match="surrogate"):
+        relay.send(chat_id=1, text="broken \ud800 text")
+    assert relay.send(chat_id=1, text="fine").duplicate is False
+    assert relay.healthy()
