@@ -35,12 +35,14 @@ from actors.messages import (
     ClaimDue,
     ClaimedMessage,
     ConfirmSent,
+    DedupProbe,
     FailMessage,
     GetMessage,
     GetStatistics,
     Housekeep,
     MarkSent,
     MarkUnreachable,
+    OutgoingMessage,
     Ping,
     Receipt,
     RecoveryReport,
@@ -356,7 +358,7 @@ class StoreActor(pykka.ThreadingActor):
         now = self._clock()
         match command:
             case AcceptMessages(messages=messages):
-                return [self._accept_one(db, message, probe, now) for message, probe in messages]
+                return self._accept(db, messages, now)
             case ClaimDue(pool=pool, owners=owners, tokens=tokens):
                 return self._claim(db, pool, owners, tokens or owners, now)
             case MarkSent(ids=ids, token=token, owner=owner):
@@ -387,31 +389,64 @@ class StoreActor(pykka.ThreadingActor):
                 return self._housekeep(db, given_now or now)
         raise TypeError(f"unknown write command {type(command).__name__}")
 
-    def _accept_one(self, db: apsw.Connection, message: Any, probe: Any, now: float
-                    ) -> Receipt | TgrelayError:
-        earlier = db.execute(
-            "SELECT c.message_id, c.payload_hash, coalesce(m.status, 'archived') "
-            "FROM deduplication_cache c LEFT JOIN message_store m ON m.id = c.message_id "
-            "WHERE c.hash = ? AND c.created_at > ? AND c.expires_at > ? "
-            "ORDER BY c.created_at DESC LIMIT 1",
-            (probe.hash, now - probe.match_seconds, now)).fetchone()
-        if earlier is not None:
-            original_id, payload_hash, status = earlier
-            if probe.dedup_key is not None and payload_hash != probe.payload_hash:
-                return DedupConflict(probe.dedup_key, original_id)
-            return Receipt(original_id, status, duplicate=True)
-        db.execute(
+    def _accept(self, db: apsw.Connection, messages: Sequence[tuple[OutgoingMessage, DedupProbe]],
+                now: float) -> list[Receipt | TgrelayError]:
+        """Insert the messages no earlier row matches, in a handful of statements for the batch.
+
+        Few statements matter: apsw releases the GIL around every SQLite call, and with many
+        caller threads each re-acquisition is a wait. So the batch is looked up with one query,
+        inserted with one ``executemany``, and its duplicates among themselves found in Python.
+        """
+        earlier = self._earlier_rows(db, {probe.hash for _, probe in messages}, now)
+        results: list[Receipt | TgrelayError | None] = []
+        fresh: list[tuple[int, OutgoingMessage, DedupProbe]] = []
+        in_batch: dict[str, tuple[int, str]] = {}  # hash -> (index in fresh, payload hash)
+        for message, probe in messages:
+            match = _latest_match(earlier.get(probe.hash, ()), now - probe.match_seconds)
+            if match is None and probe.hash in in_batch:
+                index, payload_hash = in_batch[probe.hash]
+                match = (-1 - index, payload_hash, PENDING)  # resolved to an id after insert
+            if match is None:
+                in_batch[probe.hash] = (len(fresh), probe.payload_hash)
+                fresh.append((len(results), message, probe))
+                results.append(None)
+            elif probe.dedup_key is not None and match[1] != probe.payload_hash:
+                results.append(DedupConflict(probe.dedup_key, match[0]))
+            else:
+                results.append(Receipt(match[0], match[2], duplicate=True))
+        ids = [row[0] for row in db.executemany(
             "INSERT INTO message_store (chat_id, message_text, timestamp, status, pool, "
             "dedup_hash, parse_mode, disable_notification, next_attempt_at, updated_at) "
-            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-            (message.chat_id, message.text, now, message.pool, probe.hash, message.parse_mode,
-             int(message.disable_notification), now, now))
-        message_id = db.last_insert_rowid()
-        db.execute("INSERT INTO deduplication_cache (hash, message_id, payload_hash, created_at, "
-                   "expires_at) VALUES (?, ?, ?, ?, ?)",
-                   (probe.hash, message_id, probe.payload_hash, now,
-                    now + self.settings.dedup_ttl_seconds))
-        return Receipt(message_id, PENDING, duplicate=False)
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING id",
+            [(m.chat_id, m.text, now, m.pool, p.hash, m.parse_mode, int(m.disable_notification),
+              now, now) for _, m, p in fresh])] if fresh else []
+        if fresh:
+            expires = now + self.settings.dedup_ttl_seconds
+            db.executemany(
+                "INSERT INTO deduplication_cache (hash, message_id, payload_hash, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                [(p.hash, message_id, p.payload_hash, now, expires)
+                 for (_, _, p), message_id in zip(fresh, ids, strict=True)])
+        for (position, _, _), message_id in zip(fresh, ids, strict=True):
+            results[position] = Receipt(message_id, PENDING, duplicate=False)
+        return [_resolve_in_batch(result, ids) for result in results]
+
+    @staticmethod
+    def _earlier_rows(db: apsw.Connection, hashes: set[str], now: float
+                      ) -> dict[str, list[tuple[int, str, str, float]]]:
+        found: dict[str, list[tuple[int, str, str, float]]] = {}
+        ordered = sorted(hashes)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start:start + 500]
+            rows = db.execute(
+                "SELECT c.hash, c.message_id, c.payload_hash, coalesce(m.status, 'archived'), "
+                "c.created_at FROM deduplication_cache c "
+                "LEFT JOIN message_store m ON m.id = c.message_id "
+                f"WHERE c.hash IN ({','.join('?' * len(chunk))}) AND c.expires_at > ?",
+                (*chunk, now))
+            for hash_, message_id, payload_hash, status, created_at in rows:
+                found.setdefault(hash_, []).append((message_id, payload_hash, status, created_at))
+        return found
 
     def _claim(self, db: apsw.Connection, pool: str, owners: Sequence[str],
                tokens: Sequence[str], now: float) -> list[ClaimedMessage]:
@@ -576,6 +611,23 @@ class StoreActor(pykka.ThreadingActor):
             "last_integrity_check": None if check is None else {"at": check[0], "ok": check[1]},
             "recovered_at_start": dataclasses.asdict(self.recovery),
         }
+
+
+def _latest_match(rows: Iterable[tuple[int, str, str, float]], after: float
+                  ) -> tuple[int, str, str] | None:
+    """The most recent earlier row created after ``after``: (message id, payload hash, status)."""
+    best = max((row for row in rows if row[3] > after), key=lambda row: row[3], default=None)
+    return None if best is None else best[:3]
+
+
+def _resolve_in_batch(result: Receipt | TgrelayError | None, ids: list[int]) -> Receipt | TgrelayError:
+    """Duplicates of a message in the same batch point at it by a negative index until now."""
+    if isinstance(result, DedupConflict) and result.original_id < 0:
+        return DedupConflict(result.dedup_key, ids[-1 - result.original_id])
+    if isinstance(result, Receipt) and result.id < 0:
+        return Receipt(ids[-1 - result.id], result.status, duplicate=True)
+    assert result is not None
+    return result
 
 
 def _migrate(db: apsw.Connection) -> None:
