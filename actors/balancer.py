@@ -8,13 +8,22 @@ already have a row in flight, and tokens that a row's chat refused), and the bal
 each token its rows. A million pending rows stay in SQLite; at most a page sits in memory.
 
 Smooth weighted round-robin (nginx): every pick, each candidate's current weight grows by its
-effective weight (configured weight x measured health), the largest wins and pays back the
-total. Picks interleave (a a b a a b ...), never bunch. Tokens that are cooling down, paused,
-confirming a 401, revoked or quarantined are not candidates. How many rows a token may hold
-also scales with its effective weight, so under saturation the shares still follow weights.
+effective weight, the largest wins and pays back the total. Picks interleave (a a b a a b ...),
+never bunch. The effective weight is the configured weight x the token's health (success rate,
+recent 429s) x its speed relative to the fastest token of the pool, so a slow token gets
+proportionally less. Tokens that are cooling down, paused, confirming a 401, revoked or
+quarantined are not candidates.
+
+Weights are shares, also under saturation: a page stops at the first pick whose token has no
+room left, rather than giving its turn to the others (which would make shares follow capacity,
+not weights). Two exceptions keep the pool's throughput: a token at Telegram's per-bot limit
+(its rows wait for its rate budget) passes its turn on, since waiting for it would leave the
+other bots' budgets unused while messages wait; and a token that has had no room for longer
+than ``FULL_PATIENCE_SECONDS`` is stuck, not busy (hanging requests, say), and is passed over
+so it cannot stall its pool.
 
 Wake-ups: ``WorkAccepted`` from the relay, ``TokenHasCapacity`` from token actors and a
-periodic ``Tick`` (due retries, cooled-down tokens, gauges). Wake-ups that arrive while
+periodic ``Tick`` (due retries, cooled-down tokens). Wake-ups that arrive while
 others wait in the mailbox are merged: one claim round serves them all.
 
 Threading: every handler runs in the balancer's thread; it blocks only on the local store.
@@ -23,7 +32,6 @@ Threading: every handler runs in the balancer's thread; it blocks only on the lo
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -32,25 +40,28 @@ from typing import Any
 import pykka
 
 from actors.errors import StoreUnavailable, TgrelayError
-from actors.messages import ClaimDue, ClaimedMessage, ReleaseLeases
+from actors.messages import ClaimDue, ClaimedMessage, FailRefused, ReleaseLeases
 from actors.observe import Metrics
 from actors.ratelimit import Alarm
 from actors.sending_messages import (
     AssignMessages,
     BalancerFailed,
+    CrashForTest,
     StopClaiming,
     Tick,
     TokenHasCapacity,
     WorkAccepted,
 )
 from actors.store import StoreClient
-from actors.token import HEALTHY, TokenBoard, TokenView
+from actors.token import TokenBoard, TokenView
 from supervision.redact import redact
 
 log = logging.getLogger("tgrelay.balancer")
 
 TICK_SECONDS = 0.1
-GAUGE_SECONDS = 1.0
+FULL_PATIENCE_SECONDS = 0.25
+REFUSED_CHECK_SECONDS = 5.0
+MIN_SPEED = 0.05
 PAGE_SIZE = 256
 MAX_DEFERRED_WAKES = 64  # a busy mailbox still gets a claim round this often
 
@@ -66,16 +77,14 @@ class SmoothWeightedRoundRobin:
         self.current: dict[str, float] = {}
 
     def pick(self, weights: Mapping[str, float]) -> str:
-        total = 0.0
-        best: str | None = None
-        for name, weight in weights.items():
-            self.current[name] = self.current.get(name, 0.0) + weight
-            total += weight
-            if best is None or self.current[name] > self.current[best]:
-                best = name
-        assert best is not None
-        self.current[best] -= total
-        return best
+        chosen = self.peek(weights)
+        self.charge(weights, chosen)
+        return chosen
+
+    def peek(self, weights: Mapping[str, float]) -> str:
+        """What :meth:`pick` would return, without taking the turn."""
+        current = self.current
+        return max(weights, key=lambda name: current.get(name, 0.0) + weights[name])
 
     def charge(self, weights: Mapping[str, float], chosen: str) -> None:
         """Account for ``chosen`` as if :meth:`pick` had returned it."""
@@ -104,10 +113,12 @@ class BalancerActor(pykka.ThreadingActor):
         self._page_size = page_size
         self._rr = {pool: SmoothWeightedRoundRobin() for pool in self._pools}
         self._handed: dict[str, int] = {}  # owner -> rows ever handed to that generation
+        self._full_since: dict[str, float] = {}  # token -> since when it has had no room
+        self._in_service: dict[str, tuple[str, ...]] = {}  # pool -> tokens last seen in service
+        self._refused_checked = 0.0
         self._dirty: set[str] = set()
         self._deferred = 0
         self._claiming = True
-        self._last_gauges = 0.0
         self._failure_reported = False
         self.claims = 0
         self.rows_claimed = 0
@@ -125,7 +136,7 @@ class BalancerActor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         try:
             return self._handle(message)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- reported to the supervisor, then re-raised
             description = redact(f"{type(error).__name__}: {error}")
             log.error("the balancer failed: %s", redact("".join(traceback.format_exception(error))))
             self._report(description)
@@ -147,10 +158,12 @@ class BalancerActor(pykka.ThreadingActor):
             case Tick():
                 self._dirty.update(self._pools)
                 self._alarm.tell_after(self._tick_seconds, self.actor_ref, Tick())
-                self._gauges()
+                self._fail_refused()
             case StopClaiming():
                 self._claiming = False
                 return self.statistics()
+            case CrashForTest():
+                raise BalancerCrashed("crash injected by a test")
             case _:
                 raise TypeError(f"the balancer does not understand {type(message).__name__}")
         if not self._claiming:
@@ -172,28 +185,31 @@ class BalancerActor(pykka.ThreadingActor):
     # --- claiming ---------------------------------------------------------------------------
 
     def _claim_for(self, pool: str) -> None:
-        """Fill every candidate token of ``pool`` up to its room, page after page."""
+        """Hand the candidate tokens of ``pool`` rows in weighted turns, page after page."""
         now = time.monotonic()
-        candidates = [v for v in (self._board.get(n) for n in self._pools[pool])
-                      if v.usable and v.usable_at <= now and v.ref is not None]
-        if not candidates:
+        views = {v.name: v for v in (self._board.get(n) for n in self._pools[pool])
+                 if v.usable and v.usable_at <= now and v.ref is not None}
+        room = {name: self._room(view) for name, view in views.items()}
+        for name, left in room.items():
+            if left > 0:
+                self._full_since.pop(name, None)
+            else:
+                self._full_since.setdefault(name, now)
+        weights = {name: weight for name, weight in self._effective_weights(views).items()
+                   if room[name] > 0 or (not views[name].rate_capped
+                                         and now - self._full_since[name] < FULL_PATIENCE_SECONDS)}
+        if not weights:
             return
-        weights = {v.name: v.weight * v.health for v in candidates}
-        strongest = max(weights.values())
-        if strongest <= 0:
-            return
-        room = {v.name: self._room(v, weights[v.name] / strongest) for v in candidates}
-        views = {v.name: v for v in candidates}
         rr = self._rr[pool]
         while True:
             saved = dict(rr.current)
             picks: list[str] = []
             left = dict(room)
             while len(picks) < self._page_size:
-                open_weights = {n: weights[n] for n, r in left.items() if r > 0}
-                if not open_weights:
-                    break
-                name = rr.pick(open_weights)
+                name = rr.peek(weights)
+                if left[name] <= 0:
+                    break  # its turn: wait for it rather than give the turn away
+                rr.charge(weights, name)
                 picks.append(name)
                 left[name] -= 1
             if not picks:
@@ -203,19 +219,52 @@ class BalancerActor(pykka.ThreadingActor):
             if rows is None:
                 return
             for row in rows:  # the store may have skipped or swapped owners: charge what it did
-                open_weights = {n: weights[n] for n, r in room.items() if r > 0}
-                rr.charge(open_weights or {row.token: 1.0}, row.token)
+                rr.charge(weights, row.token)
                 room[row.token] -= 1
             self._hand_out(rows, views)
             if len(rows) < len(picks):
                 return
 
-    def _room(self, view: TokenView, weight_share: float) -> int:
-        """Rows ``view`` may still be handed: its window, scaled by weight, minus what it holds
-        and what is on its way to it."""
-        window = max(1, math.ceil(view.window * weight_share))
+    def _fail_refused(self) -> None:
+        """Rows that every token still in service refused (403) can never be claimed: when a
+        pool loses a token (revoked, quarantined), and every few seconds for rows released in
+        a race with that, fail them with the reason."""
+        now = time.monotonic()
+        due = now - self._refused_checked >= REFUSED_CHECK_SECONDS
+        for pool in self._pools:
+            in_service = tuple(sorted(self._board.in_service(pool)))
+            if in_service == self._in_service.get(pool) and not due:
+                continue
+            self._in_service[pool] = in_service
+            try:
+                failed = self._store.call(FailRefused(pool, in_service))
+            except StoreUnavailable as error:
+                log.warning("could not check pool %s for refused messages: %s", pool, error)
+                continue
+            if failed:
+                log.info("%d messages of pool %s were refused by every token still in service",
+                         len(failed), pool)
+                self._metrics.incr("messages.failed", len(failed))
+        if due:
+            self._refused_checked = now
+
+    @staticmethod
+    def _effective_weights(views: Mapping[str, TokenView]) -> dict[str, float]:
+        """Configured weight x health x speed relative to the pool's fastest token."""
+        latencies = [v.latency_ms for v in views.values() if v.latency_ms]
+        fastest = min(latencies, default=None)
+        weights = {}
+        for name, view in views.items():
+            speed = 1.0 if fastest is None or not view.latency_ms else \
+                max(MIN_SPEED, fastest / view.latency_ms)
+            weights[name] = view.weight * view.health * speed
+        return {name: weight for name, weight in weights.items() if weight > 0}
+
+    def _room(self, view: TokenView) -> int:
+        """Rows ``view`` may still be handed: its window minus what it holds and what is on
+        its way to it."""
         on_the_way = self._handed.get(view.owner, view.received) - view.received
-        return max(0, window - view.held - on_the_way)
+        return max(0, view.window - view.held - on_the_way)
 
     def _claim_page(self, pool: str, picks: list[str], views: Mapping[str, TokenView]
                     ) -> list[ClaimedMessage] | None:
@@ -244,15 +293,3 @@ class BalancerActor(pykka.ThreadingActor):
                 # restart that may be quarantine. Release them now (idempotent).
                 released = self._store.call(ReleaseLeases(owner))
                 self._metrics.incr("messages.rerouted", released)
-
-    def _gauges(self) -> None:
-        now = time.monotonic()
-        if now - self._last_gauges < GAUGE_SECONDS:
-            return
-        self._last_gauges = now
-        views = self._board.views()
-        for view in views:
-            self._metrics.gauge(f"tokens.{view.name}.health", view.health)
-        self._metrics.gauge("tokens.healthy", sum(1 for v in views if v.state == HEALTHY
-                                                  and v.usable))
-        self._metrics.gauge("queue.in_flight", sum(v.held for v in views))

@@ -169,9 +169,32 @@ class MarkUnreachable(StoreCommand):
 
 
 @dataclass(frozen=True)
+class FailRefused(StoreCommand):
+    """Fail every pending row of ``pool`` that every one of ``candidates`` has refused (403).
+
+    For rows whose last untried token became unusable (revoked, quarantined) after they were
+    released: nobody could ever claim them. Answers the ids failed.
+    """
+
+    pool: str
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ConfirmSent(StoreCommand):
     id: int
     telegram_message_id: int
+    token: str
+
+
+@dataclass(frozen=True)
+class ConfirmMany(StoreCommand):
+    """:class:`ConfirmSent` for several rows of one token: ``(id, telegram_message_id)`` pairs.
+
+    Answers how many rows were confirmed now (a row confirmed earlier is left as it is).
+    """
+
+    confirmations: tuple[tuple[int, int], ...]
     token: str
 
 
@@ -184,7 +207,11 @@ class FailMessage(StoreCommand):
 
 @dataclass(frozen=True)
 class ReleaseMessage(StoreCommand):
-    """Back to ``pending``, due after ``delay_seconds``; ``count_retry`` bumps ``retry_count``."""
+    """Back to ``pending``, due after ``delay_seconds``; ``count_retry`` bumps ``retry_count``.
+
+    ``keep_place`` (a reroute that was not the message's fault, such as a 429 on one token)
+    leaves ``next_attempt_at`` as it was, so the row keeps its turn, and its chat's order.
+    """
 
     id: int
     delay_seconds: float
@@ -192,6 +219,7 @@ class ReleaseMessage(StoreCommand):
     count_retry: bool = True
     in_doubt: bool = False
     new_chat_id: ChatId | None = None
+    keep_place: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ class FailureKind(Enum):
     """How a send went wrong, classified as DESIGN.md 6 says."""
 
     RATE_LIMITED = "rate_limited"        # 429: cool down the token, reroute the message
-    TOKEN_REJECTED = "token_rejected"    # 401 (or 404): quarantine, confirm with getMe
+    TOKEN_REJECTED = "token_rejected"    # noqa: S105 -- 401 (or 404): quarantine, confirm with getMe
     UNREACHABLE = "unreachable"          # 403: this (token, chat) pair cannot work
     MIGRATED = "migrated"                # 400 with migrate_to_chat_id: rewrite and resend
     BAD_REQUEST = "bad_request"          # any other 4xx: the message itself is refused
@@ -83,6 +83,11 @@ class WorkerCrashed:
 
     row: ClaimedMessage | None
     description: str
+
+
+@dataclass(frozen=True)
+class ResultsReady:
+    """Worker results wait in the token actor's result channel (one wake-up for many)."""
 
 
 @dataclass(frozen=True)

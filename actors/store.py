@@ -34,9 +34,11 @@ from actors.messages import (
     CheckIntegrity,
     ClaimDue,
     ClaimedMessage,
+    ConfirmMany,
     ConfirmSent,
     DedupProbe,
     FailMessage,
+    FailRefused,
     GetMessage,
     GetStatistics,
     Housekeep,
@@ -365,12 +367,22 @@ class StoreActor(pykka.ThreadingActor):
                 return self._mark_sent(db, ids, token, owner or token, now)
             case MarkUnreachable():
                 return self._mark_unreachable(db, command, now)
+            case FailRefused(pool=pool, candidates=candidates):
+                return self._fail_refused(db, pool, candidates, now)
             case ConfirmSent(id=message_id, telegram_message_id=telegram_id, token=token):
                 db.execute("UPDATE message_store SET status = 'confirmed', "
                            "telegram_message_id = ?, token = ?, lease_owner = NULL, "
                            "updated_at = ? WHERE id = ? AND status != 'confirmed'",
                            (telegram_id, token, now, message_id))
                 return db.changes() == 1
+            case ConfirmMany(confirmations=confirmations, token=token):
+                before = db.total_changes()
+                db.executemany("UPDATE message_store SET status = 'confirmed', "
+                               "telegram_message_id = ?, token = ?, lease_owner = NULL, "
+                               "updated_at = ? WHERE id = ? AND status != 'confirmed'",
+                               [(telegram_id, token, now, message_id)
+                                for message_id, telegram_id in confirmations])
+                return db.total_changes() - before
             case FailMessage(id=message_id, reason=reason, token=token):
                 db.execute("UPDATE message_store SET status = 'failed', last_error = ?, "
                            "token = coalesce(?, token), lease_owner = NULL, updated_at = ? "
@@ -454,7 +466,7 @@ class StoreActor(pykka.ThreadingActor):
             return []
         # Over-read: rows of a chat that is already busy (or already taken in this page) are
         # skipped so that each chat has at most one message in flight, in accepted order.
-        rows = db.execute(
+        rows: list[Any] = db.execute(
             "SELECT id, chat_id, message_text, parse_mode, disable_notification, retry_count, "
             "timestamp FROM message_store m WHERE status = 'pending' AND lease_owner IS NULL "
             "AND pool = ? AND next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM message_store b "
@@ -484,8 +496,7 @@ class StoreActor(pykka.ThreadingActor):
 
     @staticmethod
     def _refused_tokens(db: apsw.Connection, ids: Sequence[int]) -> dict[int, set[str]]:
-        if not ids or db.execute("SELECT NOT EXISTS (SELECT 1 FROM message_unreachable)"
-                                 ).fetchone()[0]:
+        if not ids or not db.execute("SELECT EXISTS (SELECT 1 FROM message_unreachable)").get:
             return {}
         refused: dict[int, set[str]] = {}
         marks = ",".join("?" * len(ids))
@@ -494,6 +505,27 @@ class StoreActor(pykka.ThreadingActor):
                 ids):
             refused.setdefault(message_id, set()).add(token)
         return refused
+
+    @staticmethod
+    def _fail_refused(db: apsw.Connection, pool: str, candidates: Sequence[str], now: float
+                      ) -> list[int]:
+        if not candidates or not db.execute(
+                "SELECT EXISTS (SELECT 1 FROM message_unreachable)").get:
+            return []
+        marks = ",".join("?" * len(candidates))
+        rows = db.execute(
+            f"SELECT u.message_id, max(u.reason), group_concat(u.token, ', ') "
+            f"FROM message_unreachable u JOIN message_store m ON m.id = u.message_id "
+            f"WHERE m.pool = ? AND m.status = 'pending' AND m.lease_owner IS NULL "
+            f"AND u.token IN ({marks}) GROUP BY u.message_id "
+            f"HAVING count(DISTINCT u.token) = ?", (pool, *candidates, len(set(candidates)))
+        ).fetchall()
+        db.executemany(
+            "UPDATE message_store SET status = 'failed', last_error = ?, lease_owner = NULL, "
+            "updated_at = ? WHERE id = ?",
+            [(f"{reason} (refused by every usable token of the pool: {tokens})", now, message_id)
+             for message_id, reason, tokens in rows])
+        return [message_id for message_id, _, _ in rows]
 
     def _mark_sent(self, db: apsw.Connection, ids: Iterable[int], token: str, owner: str,
                    now: float) -> list[int]:
@@ -526,19 +558,19 @@ class StoreActor(pykka.ThreadingActor):
                        (reason, command.token, now, command.id))
             return "failed"
         db.execute("UPDATE message_store SET status = 'pending', lease_owner = NULL, "
-                   "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                   (command.reason, now, now, command.id))
+                   "last_error = ?, updated_at = ? WHERE id = ?",  # it keeps its turn
+                   (command.reason, now, command.id))
         return "released"
 
     def _release(self, db: apsw.Connection, command: ReleaseMessage, now: float) -> bool:
         db.execute(
             "UPDATE message_store SET status = 'pending', lease_owner = NULL, "
             "retry_count = retry_count + ?, in_doubt_count = in_doubt_count + ?, "
-            "next_attempt_at = ?, last_error = coalesce(?, last_error), "
-            "chat_id = coalesce(?, chat_id), updated_at = ? "
+            "next_attempt_at = CASE WHEN ? THEN next_attempt_at ELSE ? END, "
+            "last_error = coalesce(?, last_error), chat_id = coalesce(?, chat_id), updated_at = ? "
             "WHERE id = ? AND status NOT IN ('confirmed', 'failed')",
-            (int(command.count_retry), int(command.in_doubt), now + command.delay_seconds,
-             command.error, command.new_chat_id, now, command.id))
+            (int(command.count_retry), int(command.in_doubt), int(command.keep_place),
+             now + command.delay_seconds, command.error, command.new_chat_id, now, command.id))
         return db.changes() == 1
 
     def _housekeep(self, db: apsw.Connection, now: float) -> dict[str, int]:

@@ -20,19 +20,19 @@ logs, errors, metrics and the store use the token's configured name.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import queue
 import random
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from urllib3.exceptions import ConnectTimeoutError
 from actors.errors import StoreUnavailable, TgrelayError
 from actors.messages import (
     ClaimedMessage,
-    ConfirmSent,
+    ConfirmMany,
     FailMessage,
     MarkSent,
     MarkUnreachable,
@@ -53,6 +53,7 @@ from actors.messages import (
 )
 from actors.observe import AlertSink, Metrics
 from actors.ratelimit import Alarm, ChatLimits, Gcra, tell_if_alive
+from actors.reply import Reply
 from actors.sending_messages import (
     TRANSIENT_KINDS,
     AssignMessages,
@@ -61,6 +62,7 @@ from actors.sending_messages import (
     Drain,
     Failure,
     FailureKind,
+    ResultsReady,
     SendFailed,
     SendSucceeded,
     StoreWriteFailed,
@@ -71,9 +73,17 @@ from actors.sending_messages import (
     WorkerCrashed,
 )
 from actors.store import StoreClient
-from supervision.redact import redact
+from supervision.redact import RedactingFilter, redact
 
 log = logging.getLogger("tgrelay.token")
+
+# The HTTP library logs request lines, and our request lines carry the secret: its loggers
+# redact at the source, so even an embedding application's DEBUG logging never shows a token.
+for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager",
+              "urllib3.response", "urllib3.util.retry"):
+    _http_log = logging.getLogger(_name)
+    if not any(isinstance(f, RedactingFilter) for f in _http_log.filters):
+        _http_log.addFilter(RedactingFilter())
 
 IN_DOUBT_RESEND = "resend"  # at-least-once: a send whose outcome is unknown goes out again
 IN_DOUBT_FAIL = "fail"      # at-most-once: it fails with the reason instead
@@ -83,6 +93,7 @@ STORE_RETRY_SECONDS = 1.0
 MAX_STORE_RETRIES = 30
 GETME_STRIKES_TO_REVOKE = 2  # revoked tokens have flapped: one 401 from getMe is not proof
 IDLE_PRUNE_SECONDS = 30.0
+MAX_DEFERRED = 16  # messages handled before pumping, settling and publishing at the latest
 
 
 class TokenActorCrashed(TgrelayError):
@@ -119,7 +130,7 @@ class TokenSettings:
     def window(self) -> int:
         """Rows this token may hold at once: enough to keep its workers busy, and never
         more than half a second of its rate budget (a row held is a chat kept waiting)."""
-        return max(1, min(2 * self.workers, math.ceil(self.max_per_second / 2)))
+        return max(1, min(4 * self.workers, math.ceil(self.max_per_second / 2)))
 
     def url(self, method: str) -> str:
         return f"{self.api_base_url.rstrip('/')}/bot{self.secret}/{method}"
@@ -236,6 +247,23 @@ def check_token(settings: TokenSettings, session: requests.Session | None = None
     return TokenChecked(False if rejected else None, None, description)
 
 
+def keep_alive_session(base_url: str) -> requests.Session:
+    """One keep-alive connection, no automatic retries (we classify every failure ourselves).
+
+    The environment (proxies, CA bundle) is read once here instead of on every request:
+    ``requests`` otherwise looks for ``~/.netrc`` and re-reads proxy variables per call, which
+    costs more CPU than the rest of a send.
+    """
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.proxies.update(requests.utils.get_environ_proxies(base_url))  # honours NO_PROXY
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session.trust_env = False
+    return session
+
+
 class WorkerPool:
     """``size`` daemon threads, each with its own keep-alive ``requests.Session``.
 
@@ -243,7 +271,8 @@ class WorkerPool:
     its row is released to pending (counted in doubt) by the graceful stop.
     """
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, base_url: str) -> None:
+        self._base_url = base_url
         self._jobs: queue.SimpleQueue[Callable[[requests.Session], None] | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._size = size
@@ -261,11 +290,7 @@ class WorkerPool:
                 self._jobs.put(None)
 
     def _work(self) -> None:
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        with session:
+        with keep_alive_session(self._base_url) as session:
             while True:
                 job = self._jobs.get()
                 if job is None or self._closed.is_set():
@@ -273,59 +298,101 @@ class WorkerPool:
                 job(session)
 
 
-def _send_job(ref: pykka.ActorRef[Any], store: StoreClient, settings: TokenSettings, owner: str,
-              row: ClaimedMessage) -> Callable[[requests.Session], None]:
-    """What a worker does for one row. A result for a stopped actor is dropped on purpose:
-    the supervisor releases that generation's leases, so the row is resent, not lost."""
+class ResultChannel:
+    """Results for one token actor, put from worker and store threads, drained by the actor.
+
+    A pykka ``tell`` per result costs a mailbox lock and a thread wake-up each; here one
+    :class:`ResultsReady` wakes the actor for however many results piled up meanwhile.
+    """
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self._ref = ref
+        self._items: deque[object] = deque()
+        self._lock = threading.Lock()
+        self._signalled = False
+
+    def put(self, item: object) -> None:
+        self._items.append(item)
+        with self._lock:
+            if self._signalled:
+                return
+            self._signalled = True
+        tell_if_alive(self._ref, ResultsReady())
+
+    def drain(self) -> list[object]:
+        with self._lock:
+            self._signalled = False  # before popping: a put racing with us signals again
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+
+def _mark_and_send(results: ResultChannel, store: StoreClient, settings: TokenSettings,
+                   owner: str, rows: Sequence[ClaimedMessage], workers: WorkerPool) -> None:
+    """``MarkSent`` for a batch (fencing: only rows still leased to ``owner``), then each marked
+    row to a worker. The store answers on its own thread; nothing here waits for it, so a
+    worker is busy only while its request is."""
+
+    def marked(reply: Reply[Any]) -> None:
+        error = reply.exception()
+        if error is not None:
+            failure = Failure(FailureKind.STORE_UNAVAILABLE, str(error))
+            for row in rows:
+                results.put(SendFailed(row, failure, None, 0.0))
+            return
+        leased = set(reply.result())
+        for row in rows:
+            if row.id in leased:
+                workers.submit(_http_job(results, settings, row))
+            else:
+                failure = Failure(FailureKind.LEASE_LOST, "the lease moved to another token")
+                results.put(SendFailed(row, failure, None, 0.0))
+
+    store.submit(MarkSent(tuple(row.id for row in rows), settings.name, owner)
+                 ).add_done_callback(marked)
+
+
+def _http_job(results: ResultChannel, settings: TokenSettings, row: ClaimedMessage
+              ) -> Callable[[requests.Session], None]:
+    """What a worker does for one marked row. A result for a stopped actor is never read, on
+    purpose: the supervisor releases that generation's leases (in doubt), so the row is
+    resent, not lost."""
 
     def job(session: requests.Session) -> None:
         try:
-            try:
-                marked = store.call(MarkSent((row.id,), settings.name, owner))
-            except StoreUnavailable as error:
-                failure = Failure(FailureKind.STORE_UNAVAILABLE, str(error))
-                tell_if_alive(ref, SendFailed(row, failure, None, 0.0))
-                return
-            if not marked:
-                failure = Failure(FailureKind.LEASE_LOST, "the lease moved to another token")
-                tell_if_alive(ref, SendFailed(row, failure, None, 0.0))
-                return
             started = time.monotonic()
             outcome = send_message(session, settings, row)
             latency = time.monotonic() - started
             if isinstance(outcome, Failure):
-                tell_if_alive(ref, SendFailed(row, outcome, started, latency))
+                results.put(SendFailed(row, outcome, started, latency))
             else:
-                tell_if_alive(ref, SendSucceeded(row, outcome, started, latency))
+                results.put(SendSucceeded(row, outcome, started, latency))
         except Exception as error:  # noqa: BLE001 -- a bug here must fail the actor, not vanish
-            tell_if_alive(ref, WorkerCrashed(row, settings.clean(
-                "".join(traceback.format_exception(error)))))
+            results.put(WorkerCrashed(row, settings.clean("".join(traceback.format_exception(error)))))
 
     return job
 
 
-def _check_job(ref: pykka.ActorRef[Any], settings: TokenSettings) -> Callable[[requests.Session], None]:
+def _check_job(results: ResultChannel, settings: TokenSettings
+               ) -> Callable[[requests.Session], None]:
     def job(session: requests.Session) -> None:
         try:
-            tell_if_alive(ref, check_token(settings, session))
+            results.put(check_token(settings, session))
         except Exception as error:  # noqa: BLE001 -- reported to the actor, which fails
-            tell_if_alive(ref, WorkerCrashed(None, settings.clean(
-                "".join(traceback.format_exception(error)))))
+            results.put(WorkerCrashed(None, settings.clean("".join(traceback.format_exception(error)))))
 
     return job
 
 
-def _submit_write(store: StoreClient, ref: pykka.ActorRef[Any], command: StoreCommand,
-                  attempt: int = 1) -> Future[Any]:
-    future = store.submit(command)
-
-    def settled(done: Future[Any]) -> None:
-        error = done.exception()
+def _submit_write(store: StoreClient, results: ResultChannel, command: StoreCommand,
+                  attempt: int = 1) -> None:
+    def settled(reply: Reply[Any]) -> None:
+        error = reply.exception()
         if error is not None:
-            tell_if_alive(ref, StoreWriteFailed(command, str(error), attempt))
+            results.put(StoreWriteFailed(command, str(error), attempt))
 
-    future.add_done_callback(settled)
-    return future
+    store.submit(command).add_done_callback(settled)
 
 
 # --- health and what the token shows the others ---------------------------------------------
@@ -392,6 +459,7 @@ class TokenView:
     usable_at: float = 0.0       # monotonic: cooling down or paused until then
     rate_limited_until: float | None = None  # wall clock, for the API
     held: int = 0                # rows assigned and not settled
+    rate_capped: bool = False    # rows wait for its per-bot budget: it is at Telegram's limit
     in_flight: int = 0           # requests on the wire
     received: int = 0            # rows ever assigned to this generation
     sent: int = 0
@@ -405,8 +473,14 @@ class TokenView:
     last_error: str | None = None
 
     @property
+    def in_service(self) -> bool:
+        """Neither revoked nor quarantined (it may be cooling down or busy for a while)."""
+        return not self.quarantined and self.state != REVOKED
+
+    @property
     def usable(self) -> bool:
-        return self.accepting and not self.quarantined and self.state != REVOKED
+        """May be handed rows now."""
+        return self.accepting and self.in_service
 
     def as_api(self) -> dict[str, Any]:
         return {
@@ -456,9 +530,10 @@ class TokenBoard:
         with self._lock:
             return list(self._views.values())
 
-    def usable_in_pool(self, pool: str) -> tuple[str, ...]:
+    def in_service(self, pool: str) -> tuple[str, ...]:
+        """The tokens of ``pool`` that can still deliver, sooner or later."""
         with self._lock:
-            return tuple(v.name for v in self._views.values() if v.pool == pool and v.usable)
+            return tuple(v.name for v in self._views.values() if v.pool == pool and v.in_service)
 
 
 # --- the actor --------------------------------------------------------------------------------
@@ -492,6 +567,7 @@ class TokenActor(pykka.ThreadingActor):
         self._wiring = wiring
         self._metric = f"tokens.{settings.name}"
         self._workers: WorkerPool | None = None
+        self._results: ResultChannel | None = None
         self._queue: deque[ClaimedMessage] = deque()
         self._in_flight: dict[int, ClaimedMessage] = {}
         self._bot_limit = Gcra(settings.max_per_second, burst=min(5, int(settings.max_per_second)))
@@ -506,8 +582,11 @@ class TokenActor(pykka.ThreadingActor):
         self._draining = False
         self._asked_for_work = False
         self._wake_at: float | None = None
+        self._rate_capped = False
         self._last_prune = time.monotonic()
         self._received = 0
+        self._confirmations: list[tuple[int, int]] = []
+        self._deferred = 0
         self._failure_reported = False
         counters = previous or TokenView(settings.name, settings.pool, owner, settings.weight, 0)
         self._sent, self._failed = counters.sent, counters.failed
@@ -517,14 +596,18 @@ class TokenActor(pykka.ThreadingActor):
     # --- pykka hooks (actor thread) ---------------------------------------------------------
 
     def on_start(self) -> None:
-        self._workers = WorkerPool(self.settings.name, self.settings.workers)
+        self._results = ResultChannel(self.actor_ref)
+        self._workers = WorkerPool(self.settings.name, self.settings.workers,
+                                   self.settings.api_base_url)
         self._publish()
 
     def on_stop(self) -> None:
+        self._settle_confirmations()
         if self._workers is not None:
             self._workers.shutdown()
 
     def on_failure(self, *exc_info: Any) -> None:
+        self._settle_confirmations()
         if self._workers is not None:
             self._workers.shutdown()
         if not self._failure_reported:
@@ -532,9 +615,23 @@ class TokenActor(pykka.ThreadingActor):
             self._report(self.settings.clean(f"{type(error).__name__}: {error}"))
 
     def on_receive(self, message: Any) -> None:
+        """Handle ``message``; when the mailbox is empty (or after a burst), dispatch more
+        work, write the confirmations collected meanwhile in one command, and publish."""
         try:
-            self._handle(message)
-        except Exception as error:
+            if isinstance(message, ResultsReady):
+                assert self._results is not None
+                for result in self._results.drain():
+                    self._handle(result)
+            else:
+                self._handle(message)
+            self._deferred += 1
+            if self._deferred >= MAX_DEFERRED or self.actor_inbox.empty():
+                self._deferred = 0
+                self._settle_confirmations()
+                self._pump()
+                self._publish()
+        except Exception as error:  # noqa: BLE001 -- reported to the supervisor, then re-raised
+            self._settle_confirmations()  # deliveries known so far are facts: keep them
             description = self.settings.clean(f"{type(error).__name__}: {error}")
             log.error("token %s failed: %s", self.settings.name,
                       self.settings.clean("".join(traceback.format_exception(error))))
@@ -571,8 +668,6 @@ class TokenActor(pykka.ThreadingActor):
                 raise TokenActorCrashed("crash injected by a test")
             case _:
                 raise TypeError(f"a token actor does not understand {type(message).__name__}")
-        self._pump()
-        self._publish()
 
     def _assigned(self, rows: tuple[ClaimedMessage, ...]) -> None:
         self._received += len(rows)
@@ -588,7 +683,7 @@ class TokenActor(pykka.ThreadingActor):
         self._in_flight.pop(row.id, None)
         now = time.monotonic()
         self._chat_limits.record(row.chat_id, result.started_at)
-        self._write(ConfirmSent(row.id, result.telegram_message_id, self.settings.name))
+        self._confirmations.append((row.id, result.telegram_message_id))
         self._health.record(True, result.latency, now)
         self._consecutive_errors = 0
         self._sent += 1
@@ -621,7 +716,7 @@ class TokenActor(pykka.ThreadingActor):
             log.info("token %s: chat %s was migrated to %s; resending there", self.settings.name,
                      row.chat_id, failure.migrate_to_chat_id)
             self._write(ReleaseMessage(row.id, 0.0, failure.description, count_retry=False,
-                                       new_chat_id=failure.migrate_to_chat_id))
+                                       new_chat_id=failure.migrate_to_chat_id, keep_place=True))
         elif kind is FailureKind.BAD_REQUEST:
             self._fail(row, failure.description)
         elif kind in TRANSIENT_KINDS:
@@ -656,7 +751,7 @@ class TokenActor(pykka.ThreadingActor):
         self._probe()
 
     def _unreachable(self, row: ClaimedMessage, failure: Failure) -> None:
-        candidates = tuple(set(self._wiring.board.usable_in_pool(self.settings.pool))
+        candidates = tuple(set(self._wiring.board.in_service(self.settings.pool))
                            | {self.settings.name})
         command = MarkUnreachable(row.id, self.owner, self.settings.name, failure.description,
                                   candidates)
@@ -729,11 +824,11 @@ class TokenActor(pykka.ThreadingActor):
                                     f"{failed.description}")
         log.warning("token %s: a store write failed (%s); retrying in %g s", self.settings.name,
                     failed.description, STORE_RETRY_SECONDS)
-        store, ref = self._wiring.store, self.actor_ref
+        store, results = self._wiring.store, self._results
         command = failed.command
-        assert isinstance(command, StoreCommand)
+        assert isinstance(command, StoreCommand) and results is not None
         self._wiring.alarm.after(STORE_RETRY_SECONDS, lambda: _submit_write(
-            store, ref, dataclasses.replace(command, reply=Future()), failed.attempt + 1))
+            store, results, dataclasses.replace(command, reply=Reply()), failed.attempt + 1))
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -753,9 +848,12 @@ class TokenActor(pykka.ThreadingActor):
                 self._wake(resume)  # to show the new state and ask for work again
             return
         assert self._workers is not None
+        going: list[ClaimedMessage] = []
+        self._rate_capped = False
         while self._queue and len(self._in_flight) < self.settings.workers:
             bot_wait = self._bot_limit.wait(now)
             if bot_wait > 0:
+                self._rate_capped = True
                 self._wake(now + bot_wait)
                 break
             row, chat_wait = self._next_sendable(now)
@@ -764,8 +862,11 @@ class TokenActor(pykka.ThreadingActor):
                 break
             self._bot_limit.consume(now)
             self._in_flight[row.id] = row
-            self._workers.submit(_send_job(self.actor_ref, self._wiring.store, self.settings,
-                                           self.owner, row))
+            going.append(row)
+        if going:
+            assert self._results is not None
+            _mark_and_send(self._results, self._wiring.store, self.settings, self.owner, going,
+                           self._workers)
         if not self._asked_for_work and self._held() * 2 <= self.settings.window:
             self._asked_for_work = True
             self._wiring.wake_balancer(TokenHasCapacity(self.settings.name))
@@ -784,21 +885,28 @@ class TokenActor(pykka.ThreadingActor):
     def _wake(self, at: float) -> None:
         if self._wake_at is None or at < self._wake_at:
             self._wake_at = at
-            self._wiring.alarm.at(at, lambda ref=self.actor_ref: tell_if_alive(ref, Wake()))
+            self._wiring.alarm.at(at, functools.partial(tell_if_alive, self.actor_ref, Wake()))
 
     def _probe(self) -> None:
         assert self._workers is not None
         if not self._draining:
-            self._workers.submit(_check_job(self.actor_ref, self.settings))
+            assert self._results is not None
+            self._workers.submit(_check_job(self._results, self.settings))
 
     # --- settling rows ----------------------------------------------------------------------
 
+    def _settle_confirmations(self) -> None:
+        if self._confirmations:
+            confirmations, self._confirmations = tuple(self._confirmations), []
+            self._write(ConfirmMany(confirmations, self.settings.name))
+
     def _write(self, command: StoreCommand) -> None:
-        _submit_write(self._wiring.store, self.actor_ref, command)
+        assert self._results is not None
+        _submit_write(self._wiring.store, self._results, command)
 
     def _reroute(self, row: ClaimedMessage, error: str | None) -> None:
         """Back to pending at once, not counted as a retry: another token takes it."""
-        self._write(ReleaseMessage(row.id, 0.0, error, count_retry=False))
+        self._write(ReleaseMessage(row.id, 0.0, error, count_retry=False, keep_place=True))
         self._wiring.metrics.incr("tokens.failover")
 
     def _reroute_queue(self) -> None:
@@ -840,7 +948,8 @@ class TokenActor(pykka.ThreadingActor):
             accepting=not (self._draining or self._revoked or self._confirming),
             usable_at=max(self._cool_until, self._paused_until),
             rate_limited_until=time.time() + (self._cool_until - now) if cooling else None,
-            held=self._held(), in_flight=len(self._in_flight), received=self._received,
+            held=self._held(), rate_capped=self._rate_capped, in_flight=len(self._in_flight),
+            received=self._received,
             sent=self._sent, failed=self._failed, rate_limited=self._rate_limited,
             errors=self._errors, in_doubt=self._in_doubt,
             latency_ms=None if latency is None else round(latency * 1000, 1),

@@ -21,6 +21,8 @@ DEFAULT_CONFIG_PATH = "conf/tgrelay.toml"
 BOT_TOKEN_SHAPE = re.compile(r"^[0-9]{5,16}:[A-Za-z0-9_-]{30,64}$")
 TOKEN_NAME_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ALERT_THRESHOLDS = ("delivery_rate_threshold", "delivery_rate_window_seconds",
+                     "backlog_age_seconds", "repeat_minutes")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class StatsdConfig:
 class AlertsConfig:
     chat_id: int | str
     pool: str
+    delivery_rate_threshold: float = 0.95        # alert when a smaller share of finished messages
+    delivery_rate_window_seconds: float = 300.0  # ... over this window was confirmed
+    backlog_age_seconds: float = 600.0           # alert when the oldest pending message is older
+    repeat_minutes: float = 15.0                 # the same alert at most once this often
 
 
 @dataclass(frozen=True)
@@ -266,7 +272,7 @@ class _Reader:
     def _alerts(self, raw: Any, pools: Mapping[str, PoolConfig]) -> AlertsConfig:
         if not isinstance(raw, dict):
             raise ConfigError("alerts", "must be a table")
-        _reject_unknown(raw, "alerts", {"chat_id", "pool"})
+        _reject_unknown(raw, "alerts", {"chat_id", "pool", *_ALERT_THRESHOLDS})
         if "chat_id" not in raw:
             raise ConfigError("alerts.chat_id", "is required")
         chat_id = raw["chat_id"]
@@ -275,7 +281,14 @@ class _Reader:
         pool = self._typed(raw.get("pool", "default"), str, "alerts.pool")
         if pool not in pools:
             raise ConfigError("alerts.pool", f"names pool {pool!r}, which is not defined under [pools]")
-        return AlertsConfig(chat_id, pool)
+        thresholds = {key: self._typed(raw[key], float, f"alerts.{key}")
+                      for key in _ALERT_THRESHOLDS if key in raw}
+        for key, value in thresholds.items():
+            _require_positive(value, f"alerts.{key}")
+        if thresholds.get("delivery_rate_threshold", 0.0) > 1:
+            raise ConfigError("alerts.delivery_rate_threshold",
+                              "is a fraction of finished messages: between 0 and 1")
+        return AlertsConfig(chat_id, pool, **thresholds)
 
 
 def _reject_unknown(section: Mapping[str, Any], where: str, allowed: set[str]) -> None:

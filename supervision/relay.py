@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,17 +28,19 @@ from actors.messages import (
     Receipt,
     StoredMessage,
 )
-from actors.observe import AlertSink, Metrics, log_alert
+from actors.observe import AlertSink, Metrics
 from actors.store import HOUSEKEEPING_PAGE, StoreClient, StoreSettings, start_store
+from supervision.alerts import AlertRouter, MonitorSettings, Watch
 from supervision.config import Config, load_config
 from supervision.intake import build_message, message_from_json
-from supervision.metrics import metrics_for
+from supervision.metrics import RecentTotals, close_metrics, metrics_for, publish_gauges, totals_of
 from supervision.scheduler import Scheduler
 
 log = logging.getLogger("tgrelay.relay")
 
 HOUSEKEEPING_INTERVAL_SECONDS = 60.0
 MAX_BATCH = 1000
+MINUTE, HOUR = 60.0, 3600.0
 
 
 class SendingSide(Protocol):
@@ -62,45 +65,66 @@ class SendingSide(Protocol):
 class RelaySystem:
     """A running tgrelay: the store, the deduplicator and, when configured, the sending side."""
 
-    def __init__(self, config: Config, metrics: Metrics, alert: AlertSink, store: StoreClient,
-                 dedup: pykka.ActorRef[DeduplicatorActor]) -> None:
+    def __init__(self, config: Config, metrics: Metrics, alert: AlertRouter, store: StoreClient,
+                 dedup: pykka.ActorRef[DeduplicatorActor], monitor: MonitorSettings, *,
+                 owns_metrics: bool = False) -> None:
         self.config = config
         self.metrics = metrics
         self.alert = alert
         self.store = store
+        self.monitor = monitor
         self._dedup = dedup
         self._pools = frozenset(config.pools)
         self._scheduler = Scheduler(alert)
+        self._owns_metrics = owns_metrics
+        self._recent = RecentTotals()
+        self._watch = Watch(alert, monitor)
+        self._last_accepted = -math.inf  # monotonic: the last time the store committed a message
+        self._store_unreadable = False
         self.sending: SendingSide | None = None
         self._stopped = False
 
     @classmethod
     def start(cls, config: Config | str | os.PathLike[str], *, send: bool = True,
-              metrics: Metrics | None = None, alert: AlertSink | None = None) -> RelaySystem:
+              metrics: Metrics | None = None, alert: AlertSink | None = None,
+              monitor: MonitorSettings | None = None) -> RelaySystem:
         """Open the store (recovering what a crash left), start the actors, start sending.
 
         ``send=False`` starts only the accepting side (the store and the deduplicator).
+        ``metrics`` replaces the StatsD metrics ``[statsd]`` configures; ``alert`` receives every
+        announced alert besides the log, StatsD and the alert chat; ``monitor`` replaces the
+        thresholds of ``[alerts]`` and sets how often gauges and watched conditions are checked.
         """
         if not isinstance(config, Config):
             config = load_config(config)
+        owns_metrics = metrics is None
         metrics = metrics or metrics_for(config.statsd)
-        alert = alert or log_alert
+        monitor = monitor or MonitorSettings.from_config(config.alerts)
+        router = AlertRouter(config, metrics, monitor.repeat_seconds, also=alert)
         settings = StoreSettings(
             path=config.store.path, synchronous=config.store.synchronous,
             busy_timeout_ms=config.store.busy_timeout_ms,
             retention_days=config.store.retention_days, archive_path=config.store.archive_path,
             dedup_ttl_seconds=config.dedup.ttl_seconds,
             max_db_bytes=config.store.max_db_megabytes * 1024 * 1024)
-        store = start_store(settings, metrics, alert)
+        try:
+            store = start_store(settings, metrics, router)
+        except StoreUnavailable:
+            router.attach(None)  # what the store said while failing still reaches the alert chat
+            router.close()
+            if owns_metrics:
+                close_metrics(metrics)
+            raise
         dedup = DeduplicatorActor.start(config.dedup.window_seconds, config.dedup.ttl_seconds,
                                         store.submit)
-        relay = cls(config, metrics, alert, store, dedup)
-        relay._schedule_housekeeping()
+        relay = cls(config, metrics, router, store, dedup, monitor, owns_metrics=owns_metrics)
+        relay._schedule_jobs()
         atexit.register(relay.stop)
         if send and config.pools:
             from supervision.supervisor import start_sending  # the sending side is optional
 
             relay.sending = start_sending(relay)
+        router.attach(relay)
         return relay
 
     # --- accepting --------------------------------------------------------------------------
@@ -162,6 +186,7 @@ class RelaySystem:
         new_count = sum(1 for r in results if isinstance(r, Receipt) and not r.duplicate)
         duplicates = sum(1 for r in results if isinstance(r, Receipt) and r.duplicate)
         if new_count:
+            self._last_accepted = time.monotonic()
             self.metrics.incr("messages.accepted", new_count)
             if self.sending is not None:
                 self.sending.notify_accepted({m.pool for m in messages})
@@ -189,11 +214,24 @@ class RelaySystem:
             delay = min(delay * 2, 0.1)
 
     def stats(self) -> dict[str, Any]:
+        """Counts by status, backlog age, delivery rates, tokens, database, active alerts.
+
+        ``delivery_rate`` covers every finished message in the database; ``delivery`` covers
+        what this process finished in the last minute and hour.
+        """
         stats = self.store.statistics()
         counts = stats["counts"]
         finished = counts["confirmed"] + counts["failed"]
         stats["delivery_rate"] = None if finished == 0 else counts["confirmed"] / finished
         stats["dedup"] = self._dedup.proxy().statistics().get()
+        tokens = self.sending.tokens() if self.sending is not None else []
+        now = totals_of(tokens, time.monotonic())
+        last_minute = self._recent.window(MINUTE, now)
+        stats["delivery"] = {"last_minute": last_minute.as_json(),
+                             "last_hour": self._recent.window(HOUR, now).as_json()}
+        stats["tokens"] = [{**token, "sent_per_second": round(last_minute.per_second(
+            last_minute.sent_by_token.get(str(token["name"]), 0)), 2)} for token in tokens]
+        stats["alerts"] = self.alert.statistics()
         if self.sending is not None:
             stats["sending"] = self.sending.statistics()
         return stats
@@ -207,7 +245,7 @@ class RelaySystem:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def _schedule_housekeeping(self) -> None:
+    def _schedule_jobs(self) -> None:
         def housekeep() -> None:
             while True:
                 done = self.store.call(Housekeep())
@@ -218,7 +256,26 @@ class RelaySystem:
                               first_after=1.0)
         self._scheduler.every(self.config.store.integrity_check_minutes * 60,
                               "store.integrity_check", lambda: self.store.call(CheckIntegrity()))
+        self._scheduler.every(self.monitor.check_seconds, "monitor", self._observe)
         self._scheduler.start()
+
+    def _observe(self) -> None:
+        """Gauges, recent totals and the watched alert conditions (scheduler thread)."""
+        try:
+            store_stats: dict[str, Any] | None = self.store.statistics()
+            self._store_unreadable = False
+        except StoreUnavailable as error:
+            if not self._store_unreadable:  # once per outage, not once per tick
+                log.warning("no store statistics for the gauges and alerts: %s", error)
+            self._store_unreadable = True
+            store_stats = None
+        tokens = self.sending.tokens() if self.sending is not None else []
+        now = self._recent.sample(tokens)
+        publish_gauges(self.metrics, store_stats, tokens, self._recent.window(MINUTE, now),
+                       len(self.alert.active()))
+        self._watch.check(store_stats, tokens,
+                          self._recent.window(self.monitor.delivery_rate_window_seconds, now),
+                          self._last_accepted)
 
     def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop sending (in-flight sends get ``drain_seconds``), then the deduplicator and store.
@@ -230,10 +287,13 @@ class RelaySystem:
         self._stopped = True
         atexit.unregister(self.stop)
         self._scheduler.stop()
+        self.alert.close()  # alerts still queued go to the relay while it can take them
         if self.sending is not None:
             self.sending.stop(drain_seconds)
         self._dedup.stop()
         self.store.actor.stop()
+        if self._owns_metrics:
+            close_metrics(self.metrics)
 
     def __enter__(self) -> RelaySystem:
         return self

@@ -17,7 +17,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -397,6 +397,7 @@ def render_status(url: str, stats: dict[str, Any], tokens: list[dict[str, Any]],
     counts = stats.get("counts", {})
     rate = stats.get("delivery_rate")
     check = stats.get("last_integrity_check")
+    delivery = stats.get("delivery") or {}
     rows = [
         ("relay", f"running at {url}"),
         ("messages", "  ".join(f"{name} {counts.get(name, 0):,}" for name in STATUSES)),
@@ -404,9 +405,12 @@ def render_status(url: str, stats: dict[str, Any], tokens: list[dict[str, Any]],
         ("in doubt", f"{stats.get('in_doubt', 0):,}"),
         ("oldest pending", _age(stats.get("oldest_pending_age_seconds"))),
         ("delivery rate", "-" if rate is None else f"{rate:.2%} of finished messages confirmed"),
+        ("last minute", _recent(delivery.get("last_minute"))),
+        ("last hour", _recent(delivery.get("last_hour"))),
         ("database", _size(stats.get("db_bytes"))),
         ("integrity check", "never" if not check else
             f"{'ok' if check.get('ok') else 'FAILED'} at {_clock_time(check.get('at'))}"),
+        ("alerts", _active_alerts(stats.get("alerts"))),
     ]
     lines = [f"{label:<15} {value}" for label, value in rows]
     sending = stats.get("sending")
@@ -423,10 +427,61 @@ def render_status(url: str, stats: dict[str, Any], tokens: list[dict[str, Any]],
         str(token.get("name")), str(token.get("pool")), str(token.get("state")),
         f"{token.get('weight', 0):g}", f"{token.get('sent', 0):,}", f"{token.get('failed', 0):,}",
         _until(token.get("rate_limited_until"), now)) for token in tokens]
-    widths = [max(len(row[column]) for row in table) for column in range(len(header))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-              for row in table]
+    lines += _table(table)
+    # How each token is doing; the throughput covers the last minute.
+    measured = {str(t.get("name")): t for t in stats.get("tokens") or [] if isinstance(t, dict)}
+    health = [("TOKEN", "HEALTH", "MSG/S", "LATENCY", "429S", "ERRORS", "RESTARTS", "LAST ERROR")]
+    for token in tokens:
+        seen = {**token, **measured.get(str(token.get("name")), {})}
+        latency = seen.get("latency_ms")
+        health.append((
+            str(seen.get("name")), _number(seen.get("health"), "{:.2f}"),
+            _number(seen.get("sent_per_second"), "{:,.1f}"),
+            "-" if latency is None else f"{latency:,.0f} ms", _number(seen.get("rate_limited"), "{:,}"),
+            _number(seen.get("errors"), "{:,}"), _number(seen.get("restarts"), "{:,}"),
+            _shorten(seen.get("last_error"))))
+    lines += ["", *_table(health)]
     return "\n".join(lines)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def _recent(window: Any) -> str:
+    """One recent window of ``GET /v1/stats``'s ``delivery``."""
+    if not isinstance(window, dict):
+        return "-"
+    rate = window.get("delivery_rate")
+    finished = window.get("confirmed", 0) + window.get("failed", 0)
+    if rate is None:
+        return "no message finished"
+    return (f"{rate:.2%} of {finished:,} finished confirmed, "
+            f"{window.get('confirmed_per_second', 0):,.1f} msg/s")
+
+
+def _active_alerts(alerts: Any) -> str:
+    active = alerts.get("active") if isinstance(alerts, dict) else None
+    if not active:
+        return "none active"
+    names = [f"{a.get('kind')} [{a['subject']}]" if a.get("subject") else str(a.get("kind"))
+             for a in active]
+    return f"{len(names)} active: {', '.join(names)}"
+
+
+def _number(value: Any, shape: str) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return shape.format(value)
+    return "-"
+
+
+def _shorten(text: Any, width: int = 60) -> str:
+    if not text:
+        return "-"
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _status_offline(config: Config, url: str, reason: str, *, as_json: bool) -> int:
