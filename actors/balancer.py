@@ -158,7 +158,8 @@ class BalancerActor(pykka.ThreadingActor):
             case Tick():
                 self._dirty.update(self._pools)
                 self._alarm.tell_after(self._tick_seconds, self.actor_ref, Tick())
-                self._fail_refused()
+                if self._claiming:
+                    self._fail_refused()
             case StopClaiming():
                 self._claiming = False
                 return self.statistics()
@@ -190,8 +191,8 @@ class BalancerActor(pykka.ThreadingActor):
         views = {v.name: v for v in (self._board.get(n) for n in self._pools[pool])
                  if v.usable and v.usable_at <= now and v.ref is not None}
         room = {name: self._room(view) for name, view in views.items()}
-        for name, left in room.items():
-            if left > 0:
+        for name, free in room.items():
+            if free > 0:
                 self._full_since.pop(name, None)
             else:
                 self._full_since.setdefault(name, now)
@@ -218,12 +219,33 @@ class BalancerActor(pykka.ThreadingActor):
             rr.current = saved
             if rows is None:
                 return
-            for row in rows:  # the store may have skipped or swapped owners: charge what it did
-                rr.charge(weights, row.token)
-                room[row.token] -= 1
+            self._charge(rr, weights, room, rows)
             self._hand_out(rows, views)
             if len(rows) < len(picks):
+                self._claim_for_the_passed_over(pool, picks, weights, room, views)
                 return
+
+    def _claim_for_the_passed_over(self, pool: str, picks: list[str], weights: Mapping[str, float],
+                                   room: dict[str, int], views: Mapping[str, TokenView]) -> None:
+        """The page came back short, so the pool is not saturated and turns need not be kept.
+        Tokens that got no slot (a low weight, a turn still far off) may be the only ones a
+        row can go to (every other token of its pool refused its chat): offer them too."""
+        passed_over = [name for name in weights if room[name] > 0 and name not in picks]
+        if not passed_over:
+            return
+        owners = [name for name in passed_over for _ in range(room[name])][:self._page_size]
+        rows = self._claim_page(pool, owners, views)
+        if rows:
+            self._charge(self._rr[pool], weights, room, rows)
+            self._hand_out(rows, views)
+
+    @staticmethod
+    def _charge(rr: SmoothWeightedRoundRobin, weights: Mapping[str, float],
+                room: dict[str, int], rows: list[ClaimedMessage]) -> None:
+        """The store may skip or swap owners: charge the turns it actually gave."""
+        for row in rows:
+            rr.charge(weights, row.token)
+            room[row.token] -= 1
 
     def _fail_refused(self) -> None:
         """Rows that every token still in service refused (403) can never be claimed: when a

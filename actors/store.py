@@ -513,7 +513,7 @@ class StoreActor(pykka.ThreadingActor):
                 "SELECT EXISTS (SELECT 1 FROM message_unreachable)").get:
             return []
         marks = ",".join("?" * len(candidates))
-        rows = db.execute(
+        rows: list[Any] = db.execute(
             f"SELECT u.message_id, max(u.reason), group_concat(u.token, ', ') "
             f"FROM message_unreachable u JOIN message_store m ON m.id = u.message_id "
             f"WHERE m.pool = ? AND m.status = 'pending' AND m.lease_owner IS NULL "

@@ -4,13 +4,17 @@ Threading:
 
 * the actor's own thread runs every handler: it owns the rate limits, the health score, the
   queue of rows the balancer assigned and the decision for each outcome;
-* a :class:`WorkerPool` of a few daemon threads, each with its own keep-alive
-  ``requests.Session``, performs ``MarkSent`` (fencing: only a row still leased to this
-  generation goes out) and the HTTP call, then tells the actor what happened. The actor's
-  mailbox never waits on the network (DESIGN.md 4);
-* store writes that settle a row (``ConfirmSent``, ``ReleaseMessage``, ``FailMessage``) are
-  submitted without waiting; one that fails comes back as :class:`StoreWriteFailed` and is
-  retried.
+* when rows may go (rate budget, free workers), the actor submits one ``MarkSent`` for them
+  (fencing: only rows still leased to this generation go out) and does not wait: the store's
+  thread, once the mark is committed, hands each marked row to the actor's
+  :class:`WorkerPool` (a few daemon threads, each with its own keep-alive
+  ``requests.Session``), which makes the HTTP call. The actor's mailbox never waits on the
+  network (DESIGN.md 4), and a worker is busy only while its request is;
+* workers (and store callbacks) put their results into a :class:`ResultChannel`; one
+  :class:`~actors.sending_messages.ResultsReady` wakes the actor for however many piled up;
+* the actor settles rows without waiting either: deliveries are collected and written as one
+  ``ConfirmMany`` when its mailbox is empty; releases and failures are submitted as they are
+  decided. A write that fails comes back as :class:`StoreWriteFailed` and is retried.
 
 Errors are classified as DESIGN.md 6 says (:func:`classify_response`, :func:`classify_error`)
 and every handler is guarded: an exception is reported to the supervisor, cleaned of anything
@@ -888,8 +892,12 @@ class TokenActor(pykka.ThreadingActor):
             self._wiring.alarm.at(at, functools.partial(tell_if_alive, self.actor_ref, Wake()))
 
     def _probe(self) -> None:
+        """getMe, but never while a 429's retry_after runs: that is a call to the token too."""
         assert self._workers is not None
-        if not self._draining:
+        wait = self._cool_until - time.monotonic()
+        if wait > 0:
+            self._wiring.alarm.tell_after(wait, self.actor_ref, CheckToken())
+        elif not self._draining:
             assert self._results is not None
             self._workers.submit(_check_job(self._results, self.settings))
 

@@ -34,6 +34,7 @@ from actors.errors import DedupConflict, InvalidMessage, MessageNotFound, StoreU
 from actors.messages import OutgoingMessage, Receipt
 from supervision.config import HttpConfig
 from supervision.intake import message_from_json
+from supervision.openapi import openapi_document
 from supervision.redact import redact
 from supervision.relay import MAX_BATCH, RelaySystem
 
@@ -89,7 +90,13 @@ class RelayApp:
             "/v1/messages/batch": {"POST": self._post_batch},
             "/v1/tokens": {"GET": self._get_tokens},
             "/v1/stats": {"GET": self._get_stats},
+            "/openapi.json": {"GET": self._get_openapi},
         }
+        # Behind the bearer token like /v1: it names the configured pools and tokens.
+        self._openapi = openapi_document(
+            pools=sorted(self._pools), tokens=[token.name for _, token in relay.config.tokens()],
+            authenticated=bool(auth_token), max_batch=MAX_BATCH, max_body_bytes=max_body_bytes,
+            max_message_body_bytes=self._max_message_bytes)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -220,6 +227,9 @@ class RelayApp:
 
     def _get_stats(self, _: WSGIEnvironment, __: str) -> Response:
         return Response(200, self._relay.stats())
+
+    def _get_openapi(self, _: WSGIEnvironment, __: str) -> Response:
+        return Response(200, self._openapi)
 
     def _get_health(self, _: WSGIEnvironment, __: str) -> Response:
         healthy = self._relay.healthy()

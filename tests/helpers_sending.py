@@ -102,8 +102,11 @@ class Harness:
 
     def wait_settled(self, timeout: float = 20.0) -> dict[str, int]:
         """Until every message is confirmed or failed; the final counts."""
-        self.wait_until(lambda: self.counts()["pending"] + self.counts()["sent"] == 0,
-                        timeout, "every message to be confirmed or failed")
+        def settled() -> bool:
+            counts = self.counts()  # one snapshot: a row may move from sent back to pending
+            return counts["pending"] + counts["sent"] == 0
+
+        self.wait_until(settled, timeout, "every message to be confirmed or failed")
         return self.counts()
 
     def rows(self) -> list[dict[str, Any]]:

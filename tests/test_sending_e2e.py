@@ -3,13 +3,13 @@ real Bot API simulator over loopback HTTP, with a real SQLite file. No mocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 
 from simulator import Limits, Rate
-from supervision.supervisor import SupervisionSettings
 from tests.helpers_sending import FAST, running_relay
 
 pytestmark = pytest.mark.slow
@@ -117,6 +117,35 @@ def test_an_answer_that_comes_too_late_is_counted_in_doubt_and_resent(tmp_path: 
     assert 0 < duplicates <= in_doubt, "every duplicate comes from a send that was in doubt"
 
 
+def test_with_the_fail_policy_a_send_in_doubt_fails_instead_of_being_resent(
+        tmp_path: Path) -> None:
+    settings = dataclasses.replace(FAST, in_doubt_policy="fail")
+    with running_relay(tmp_path, (1,), settings=settings,
+                       telegram="request_timeout_seconds = 0.3") as relay:
+        relay.sim.set_accept_then_timeout(1.0, delay_seconds=1.0)
+        (message_id,) = relay.send([{"chat_id": 99, "text": "at most once"}])
+        relay.wait_settled()
+        message = relay.relay.get(message_id)
+
+    assert message.status == "failed"
+    assert message.last_error == ("in doubt, not resent (policy 'fail'): no answer within "
+                                  "0.3 s after the request left")
+    assert relay.sim.record.delivery_count() == 1
+
+
+def test_429s_do_not_use_up_a_messages_attempts(tmp_path: Path) -> None:
+    settings = dataclasses.replace(FAST, max_attempts=1)
+    with running_relay(tmp_path, (1,), settings=settings) as relay:
+        relay.sim.flood(relay.bots["alpha"], seconds=1)
+        relay.send_to(3, chat=lambda i: 600 + i)
+        counts = relay.wait_settled()
+        rows = relay.rows()
+
+    assert counts["confirmed"] == 3
+    assert relay.sim.record.rate_limited_counts()
+    assert {row["retry_count"] for row in rows} == {0}
+
+
 def test_a_migrated_group_gets_its_messages_at_the_new_supergroup_in_order(tmp_path: Path) -> None:
     with running_relay(tmp_path, (1, 1), migrated_groups={-555: -1_000_000_000_555}) as relay:
         relay.send_to(5, chat=lambda _: -555)
@@ -177,7 +206,7 @@ def test_a_bad_request_fails_at_once_with_telegrams_description(tmp_path: Path) 
 
 def test_a_message_fails_with_the_last_error_after_the_maximum_number_of_attempts(
         tmp_path: Path) -> None:
-    settings = SupervisionSettings(**{**FAST.__dict__, "max_attempts": 3})
+    settings = dataclasses.replace(FAST, max_attempts=3)
     with running_relay(tmp_path, (1,), settings=settings) as relay:
         relay.sim.set_bad_gateway_rate(1.0)
         (message_id,) = relay.send([{"chat_id": 777, "text": "never"}])
