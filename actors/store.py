@@ -58,7 +58,7 @@ from actors.reply import Reply
 
 log = logging.getLogger("tgrelay.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_GROUP = 2000  # commands per transaction: bounds how long the first caller waits
 HOUSEKEEPING_PAGE = 5000
 
@@ -114,6 +114,10 @@ MIGRATIONS: list[str] = [
         token TEXT NOT NULL,
         reason TEXT NOT NULL,
         PRIMARY KEY (message_id, token)) WITHOUT ROWID;
+    """,
+    # Statistics run every few seconds: keep "how many in doubt" off a full-table scan.
+    """
+    CREATE INDEX message_store_in_doubt ON message_store(in_doubt_count) WHERE in_doubt_count > 0;
     """,
 ]
 
@@ -301,7 +305,7 @@ class StoreActor(pykka.ThreadingActor):
         db.execute("PRAGMA journal_mode=WAL").fetchall()
         db.execute(f"PRAGMA synchronous={self.settings.synchronous.upper()}")
         if self.settings.max_db_bytes:
-            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            page_size = _scalar(db, "PRAGMA page_size")
             db.execute(f"PRAGMA max_page_count = {max(1, self.settings.max_db_bytes // page_size)}")
         _migrate(db)
         if self.settings.archive_path:
@@ -351,8 +355,8 @@ class StoreActor(pykka.ThreadingActor):
             in_doubt = db.changes()
             db.execute("UPDATE message_store SET lease_owner = NULL WHERE lease_owner IS NOT NULL")
             released = db.changes()
-        pending = db.execute("SELECT count(*) FROM message_store WHERE status = 'pending'")
-        return RecoveryReport(in_doubt, released, pending.fetchone()[0])
+        pending = _scalar(db, "SELECT count(*) FROM message_store WHERE status = 'pending'")
+        return RecoveryReport(in_doubt, released, pending)
 
     # --- write handlers (inside the open transaction) ---------------------------------------
 
@@ -623,13 +627,12 @@ class StoreActor(pykka.ThreadingActor):
     def _statistics(self, db: apsw.Connection) -> dict[str, Any]:
         counts = dict.fromkeys(STATUSES, 0)
         counts.update(db.execute("SELECT status, count(*) FROM message_store GROUP BY status"))
-        leased, in_doubt = db.execute(
-            "SELECT count(lease_owner), coalesce(sum(in_doubt_count), 0) FROM message_store"
-        ).fetchone()
-        oldest = db.execute("SELECT min(timestamp) FROM message_store WHERE status = 'pending'"
-                            ).fetchone()[0]
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        leased = _scalar(db, "SELECT count(*) FROM message_store WHERE lease_owner IS NOT NULL")
+        in_doubt = _scalar(db, "SELECT coalesce(sum(in_doubt_count), 0) FROM message_store "
+                               "WHERE in_doubt_count > 0")
+        oldest = _scalar(db, "SELECT min(timestamp) FROM message_store WHERE status = 'pending'")
+        page_size = _scalar(db, "PRAGMA page_size")
+        pages = _scalar(db, "PRAGMA page_count")
         wal = Path(f"{self.settings.path}-wal")
         db_bytes = page_size * pages + (wal.stat().st_size if wal.exists() else 0)
         self._metrics.gauge("store.db_bytes", db_bytes)
@@ -662,8 +665,15 @@ def _resolve_in_batch(result: Receipt | TgrelayError | None, ids: list[int]) -> 
     return result
 
 
+def _scalar(db: apsw.Connection, sql: str, bindings: tuple[Any, ...] = ()) -> Any:
+    """The single value of a query that always returns one row (a count, a pragma)."""
+    row = db.execute(sql, bindings).fetchone()
+    assert row is not None, sql
+    return row[0]
+
+
 def _migrate(db: apsw.Connection) -> None:
-    version = db.execute("PRAGMA user_version").fetchone()[0]
+    version = _scalar(db, "PRAGMA user_version")
     if version > SCHEMA_VERSION:
         raise StoreUnavailable(f"the database has schema version {version}, newer than this "
                                f"tgrelay understands ({SCHEMA_VERSION}); upgrade tgrelay")
@@ -720,7 +730,7 @@ def _salvage_table(source: apsw.Connection, fresh: apsw.Connection, table: str, 
                     copied += 1
                 except apsw.ConstraintError:
                     log.warning("salvage skipped an inconsistent %s row", table)
-        last, page, step = rows[-1][0], 500, 1
+        last, page, step = rows[-1][0], 500, 1  # type: ignore[assignment]
     return copied
 
 

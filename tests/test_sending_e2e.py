@@ -72,7 +72,9 @@ def test_a_429_storm_gets_no_call_to_that_token_before_retry_after_expires(tmp_p
     assert rate_limited, "the storm answered 429"
     # Requests already on the wire when a 429 was answered (one per worker, within the
     # simulator's latency) cannot be helped; any later call before retry_after is a violation.
-    in_flight_grace = 0.1
+    # The grace is generous because a loaded 2-core machine can delay a request that was
+    # already issued; the storm lasts 2 s, so the check still has teeth.
+    in_flight_grace = 0.5
     violations = [call for call in calls for answer in rate_limited
                   if answer.monotonic + in_flight_grace < call.monotonic
                   < answer.monotonic + (answer.retry_after or 0)]
