@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import pykka
 
 from actors.dedup import AdmitMessages, DeduplicatorActor
-from actors.errors import StoreUnavailable, TgrelayError
+from actors.errors import InvalidMessage, StoreUnavailable, TgrelayError
 from actors.messages import (
     FINAL_STATUSES,
     CheckIntegrity,
@@ -151,16 +151,18 @@ class RelaySystem:
         Returns one entry per message, in order: a :class:`Receipt`, or the error that
         rejected that message (the others are still accepted).
         """
+        bodies = list(messages)
+        if len(bodies) > MAX_BATCH:
+            raise InvalidMessage(f"a batch holds at most {MAX_BATCH} messages, not {len(bodies)}; "
+                                 "split it")
         results: list[Receipt | TgrelayError | None] = []
         valid: list[OutgoingMessage] = []
-        for body in messages:
+        for body in bodies:
             try:
                 valid.append(message_from_json(body, self._pools))
                 results.append(None)
             except TgrelayError as error:
                 results.append(error)
-        if len(results) > MAX_BATCH:
-            raise ValueError(f"a batch holds at most {MAX_BATCH} messages, not {len(results)}")
         accepted = iter(self.accept(valid))
         return [next(accepted) if entry is None else entry for entry in results]
 

@@ -174,3 +174,11 @@ def test_a_text_that_is_not_valid_unicode_is_refused_and_the_relay_goes_on(relay
         relay.send(chat_id=1, text="broken \ud800 text")
     assert relay.send(chat_id=1, text="fine").duplicate is False
     assert relay.healthy()
+
+
+def test_an_embedded_batch_over_a_thousand_is_refused_whole_with_a_reason(relay: RelaySystem) -> None:
+    from actors.errors import InvalidMessage
+
+    with pytest.raises(InvalidMessage, match="at most 1000"):
+        relay.send_many({"chat_id": index + 1, "text": "x"} for index in range(1001))
+    assert relay.stats()["counts"]["pending"] == 0
