@@ -121,6 +121,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+# A confirmation is the truth about Telegram: it wins over a lease taken away or a later error.
+_CONFIRM = ("UPDATE message_store SET status = 'confirmed', telegram_message_id = ?, token = ?, "
+            "lease_owner = NULL, updated_at = ? WHERE id = ? AND status != 'confirmed'")
 _MESSAGE_FIELDS = (
     "id, chat_id, pool, status, retry_count, telegram_message_id, token, last_error, "
     "timestamp, updated_at, message_text, in_doubt_count"
@@ -374,18 +377,12 @@ class StoreActor(pykka.ThreadingActor):
             case FailRefused(pool=pool, candidates=candidates):
                 return self._fail_refused(db, pool, candidates, now)
             case ConfirmSent(id=message_id, telegram_message_id=telegram_id, token=token):
-                db.execute("UPDATE message_store SET status = 'confirmed', "
-                           "telegram_message_id = ?, token = ?, lease_owner = NULL, "
-                           "updated_at = ? WHERE id = ? AND status != 'confirmed'",
-                           (telegram_id, token, now, message_id))
+                db.execute(_CONFIRM, (telegram_id, token, now, message_id))
                 return db.changes() == 1
             case ConfirmMany(confirmations=confirmations, token=token):
                 before = db.total_changes()
-                db.executemany("UPDATE message_store SET status = 'confirmed', "
-                               "telegram_message_id = ?, token = ?, lease_owner = NULL, "
-                               "updated_at = ? WHERE id = ? AND status != 'confirmed'",
-                               [(telegram_id, token, now, message_id)
-                                for message_id, telegram_id in confirmations])
+                db.executemany(_CONFIRM, [(telegram_id, token, now, message_id)
+                                          for message_id, telegram_id in confirmations])
                 return db.total_changes() - before
             case FailMessage(id=message_id, reason=reason, token=token):
                 db.execute("UPDATE message_store SET status = 'failed', last_error = ?, "
