@@ -144,6 +144,11 @@ class TokenSettings:
         return redact(text.replace(self.secret, f"{self.name}:***"))[:MAX_ERROR_TEXT]
 
 
+# A paused token probes again at least this often, so it is back within seconds of the
+# network healing (its messages go to the other tokens meanwhile).
+PAUSE_CAP_SECONDS = 5.0
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Jittered exponential backoff: ``base * 2**(attempt-1)``, capped, times 0.5..1."""
     return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
@@ -773,7 +778,10 @@ class TokenActor(pykka.ThreadingActor):
         settings = self.settings
         self._errors += 1
         self._last_error = failure.description
-        self._consecutive_errors += 1
+        if now >= self._paused_until:
+            # Requests that were already on the wire when a pause began fail together; they
+            # are one outage, not a longer streak, so they must not stretch the pause.
+            self._consecutive_errors += 1
         self._health.record(False, latency if failure.kind is FailureKind.SERVER_ERROR else None, now)
         metrics = self._wiring.metrics
         metrics.incr(f"{self._metric}.errors")
@@ -794,7 +802,7 @@ class TokenActor(pykka.ThreadingActor):
             metrics.incr("messages.retried")
         if self._consecutive_errors >= settings.error_streak:
             pause = backoff(self._consecutive_errors - settings.error_streak + 1, 0.5,
-                            settings.backoff_cap)
+                            PAUSE_CAP_SECONDS)
             if now + pause > self._paused_until:
                 log.warning("token %s: %d errors in a row (last: %s); pausing %.1f s",
                             settings.name, self._consecutive_errors, failure.description, pause)
