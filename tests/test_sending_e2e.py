@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,21 @@ def test_no_token_secret_reaches_a_log_line_an_error_or_the_api(
     for output in outputs:
         for secret in secrets:
             assert secret not in output
+
+
+def test_every_token_sends_again_within_seconds_of_a_partition_healing(tmp_path: Path) -> None:
+    with running_relay(tmp_path, (1, 1, 1)) as relay:
+        relay.sim.set_latency(10)
+        relay.sim.partition(4)
+        healed = time.monotonic() + 4
+        relay.send_to(600, chat=lambda i: 15000 + i)
+        relay.wait_settled(40)
+        first_after = {}
+        for delivery in relay.sim.record.deliveries():
+            if delivery.monotonic > healed:
+                first_after.setdefault(delivery.bot_id, delivery.monotonic - healed)
+
+    assert set(first_after) == {bot.id for bot in relay.bots.values()}
+    # A token pauses at most 5 s between probes, and requests that fail together during the
+    # outage count as one strike; before that rule a 4 s partition paused tokens for ~15 s.
+    assert max(first_after.values()) < 6.5, first_after
