@@ -25,7 +25,8 @@ from supervision.intake import MAX_DEDUP_KEY, MAX_TEXT_CODE_POINTS, PARSE_MODES,
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # What str.strip() removes (str.isspace), spelled out so that every regex engine (Python's for
 # generating, ECMA's for validating) agrees: a text must hold at least one other character.
-NOT_ONLY_WHITESPACE = "[^\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+NOT_ONLY_WHITESPACE = ("[^\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a"
+                       "\\u2028\\u2029\\u202f\\u205f\\u3000]")
 CHANNEL_NAME = "^@[A-Za-z][A-Za-z0-9_]{3,31}$"
 _DECIMAL_DIGITS = 19  # supervision.intake accepts a chat id written as at most 19 digits
 
