@@ -7,6 +7,7 @@ what is wrong with it. Token secrets are never part of an error message.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -18,8 +19,8 @@ from typing import Any
 from actors.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "conf/tgrelay.toml"
-BOT_TOKEN_SHAPE = re.compile(r"^[0-9]{5,16}:[A-Za-z0-9_-]{30,64}$")
-TOKEN_NAME_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+BOT_TOKEN_SHAPE = re.compile(r"[0-9]{5,16}:[A-Za-z0-9_-]{30,64}")  # used with fullmatch
+TOKEN_NAME_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ALERT_THRESHOLDS = ("delivery_rate_threshold", "delivery_rate_window_seconds",
                      "backlog_age_seconds", "repeat_minutes")
@@ -121,6 +122,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError("", f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError("", f"config file {path} is not UTF-8 text (byte {error.start} "
+                              f"cannot be decoded)") from None
     return parse_config(text, environ)
 
 
@@ -130,6 +134,8 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError("", f"not valid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError("", "not valid TOML: nested too deeply") from None
     return _Reader(os.environ if environ is None else environ).config(raw)
 
 
@@ -256,10 +262,10 @@ class _Reader:
             if required not in entry:
                 raise ConfigError(f"{key}.{required}", "is required")
         name = self._typed(entry["name"], str, f"{key}.name")
-        if not TOKEN_NAME_SHAPE.match(name):
+        if not TOKEN_NAME_SHAPE.fullmatch(name):
             raise ConfigError(f"{key}.name", "must be 1-64 letters, digits, '_' or '-'")
         secret = self._typed(entry["token"], str, f"{key}.token")
-        if not BOT_TOKEN_SHAPE.match(secret):
+        if not BOT_TOKEN_SHAPE.fullmatch(secret):
             raise ConfigError(
                 f"{key}.token", "is not a bot token (expected <bot id>:<secret> as BotFather issues it)"
             )
@@ -295,12 +301,14 @@ def _reject_unknown(section: Mapping[str, Any], where: str, allowed: set[str]) -
     for key in section:
         if key not in allowed:
             name = f"{where}.{key}" if where else key
+            if not key:  # TOML allows "" as a key; name it visibly
+                name = f'{where}.""' if where else '""'
             raise ConfigError(name, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def _require_positive(value: float, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(key, f"must be greater than 0, not {value}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a finite number greater than 0, not {value}")
 
 
 def _type_name(kind: type) -> str:

@@ -16,8 +16,8 @@ MAX_TEXT_CODE_POINTS = 4096  # Telegram counts Unicode code points, which is wha
 MAX_DEDUP_KEY = 256
 PARSE_MODES = ("HTML", "Markdown", "MarkdownV2")
 FIELDS = ("chat_id", "text", "pool", "dedup_key", "parse_mode", "disable_notification")
-_CHANNEL_NAME = re.compile(r"^@[A-Za-z][A-Za-z0-9_]{3,31}$")
-_NUMERIC = re.compile(r"^-?[0-9]{1,19}$")
+_CHANNEL_NAME = re.compile(r"@[A-Za-z][A-Za-z0-9_]{3,31}")  # used with fullmatch
+_NUMERIC = re.compile(r"-?[0-9]{1,19}")  # used with fullmatch
 _INT64 = 2**63
 
 
@@ -65,9 +65,9 @@ def _chat_id(value: Any) -> ChatId:
             raise InvalidMessage("chat_id is not a valid Telegram chat id")
         return value
     if isinstance(value, str):
-        if _NUMERIC.match(value):
+        if _NUMERIC.fullmatch(value):
             return _chat_id(int(value))
-        if _CHANNEL_NAME.match(value):
+        if _CHANNEL_NAME.fullmatch(value):
             return value
         raise InvalidMessage("chat_id must be an integer or an @channel name (@ then 4-32 "
                              "letters, digits or underscores)")

@@ -159,9 +159,6 @@ def test_decimal_above_matches_exactly_the_19_digit_decimals_past_the_bound(numb
     assert matched is (number > 2**63 - 1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: supervision/intake.py matches chat ids with re.match and "
-                                       "patterns ending in `$`, which also matches before a trailing "
-                                       "newline, so '@name\\n' is accepted and can never be delivered")
 def test_a_channel_name_with_a_trailing_newline_is_refused(fuzzed_relay: FuzzedRelay) -> None:
     refused = requests.post(f"{fuzzed_relay.url}/v1/messages", headers=AUTH, timeout=REQUEST_TIMEOUT,
                             json={"chat_id": "@abcd\n", "text": "a newline in a channel name"})
