@@ -687,10 +687,18 @@ def _salvage(damaged: Path, fresh: apsw.Connection) -> int:
     except apsw.Error:
         return 0
     try:
+        copied = _salvage_table(source, fresh, "message_store", "id")
         _salvage_table(source, fresh, "deduplication_cache", "rowid")
-        return _salvage_table(source, fresh, "message_store", "id")
     finally:
         source.close()
+    # A destroyed message must be accepted again when it is resent, not answered "duplicate".
+    with fresh:
+        fresh.execute("DELETE FROM deduplication_cache WHERE message_id NOT IN "
+                      "(SELECT id FROM message_store)")
+    return copied
+
+
+_MAX_KEY = 2**63 - 1  # SQLite's largest integer key: stepping over damage must stop below it
 
 
 def _salvage_table(source: apsw.Connection, fresh: apsw.Connection, table: str, key: str) -> int:
@@ -708,7 +716,7 @@ def _salvage_table(source: apsw.Connection, fresh: apsw.Connection, table: str, 
     # Read in pages; when a read fails, go row by row up to the damage, then step over the
     # unreadable span one key at a time (doubling only after long gaps) so little is lost.
     last, page, step, failures, copied = 0, 500, 1, 0, 0
-    while failures < 5000:
+    while failures < 5000 and last < _MAX_KEY - step:
         try:
             rows = source.execute(select, (last, page)).fetchall()
         except apsw.Error:
@@ -716,7 +724,7 @@ def _salvage_table(source: apsw.Connection, fresh: apsw.Connection, table: str, 
                 page = 1
                 continue
             failures += 1
-            last, step = last + step, step if failures < 1000 else step * 2
+            last, step = last + step, step if failures < 1000 else min(step * 2, 2**32)
             continue
         if not rows:
             break

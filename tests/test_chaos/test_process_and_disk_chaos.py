@@ -133,14 +133,10 @@ def accept_undelivered_then_damage(chaos: ChaosRun, which: str) -> None:
     damage_a_table_page(chaos.database, which)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: actors/store.py _salvage_table doubles its step over an unreadable "
-                          "tail until the key overflows SQLite's 64-bit integer; the OverflowError "
-                          "escapes recovery and the store refuses to start")
 def test_a_database_whose_last_table_page_is_damaged_is_recovered_too(chaos: ChaosRun) -> None:
     accept_undelivered_then_damage(chaos, "last")
 
-    with chaos.relay() as relay:  # AssertionError: the relay did not start
+    with chaos.relay() as relay:
         chaos.wait_until_final(timeout=60)
         chaos.stop(relay)
 
@@ -148,10 +144,6 @@ def test_a_database_whose_last_table_page_is_damaged_is_recovered_too(chaos: Cha
     assert_nothing_lost(chaos.audit(destroyed={i for i in chaos.accepted if i not in present}))
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="bug: recovery salvages deduplication_cache rows whose messages were "
-                          "destroyed, so resending one is answered 'duplicate, archived' with the "
-                          "destroyed id, and the message is never sent")
 def test_a_message_destroyed_with_its_page_can_be_sent_again(chaos: ChaosRun) -> None:
     accept_undelivered_then_damage(chaos, "middle")
 
