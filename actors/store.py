@@ -61,6 +61,7 @@ log = logging.getLogger("tgrelay.store")
 SCHEMA_VERSION = 3
 MAX_GROUP = 2000  # commands per transaction: bounds how long the first caller waits
 HOUSEKEEPING_PAGE = 5000
+ACCEPT_SHARE_OF_CAP = 0.9  # new messages may fill this much of max_db_bytes
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY,
@@ -367,6 +368,7 @@ class StoreActor(pykka.ThreadingActor):
         now = self._clock()
         match command:
             case AcceptMessages(messages=messages):
+                self._refuse_new_messages_near_the_cap(db)
                 return self._accept(db, messages, now)
             case ClaimDue(pool=pool, owners=owners, tokens=tokens):
                 return self._claim(db, pool, owners, tokens or owners, now)
@@ -401,6 +403,18 @@ class StoreActor(pykka.ThreadingActor):
             case Housekeep(now=given_now):
                 return self._housekeep(db, given_now or now)
         raise TypeError(f"unknown write command {type(command).__name__}")
+
+    def _refuse_new_messages_near_the_cap(self, db: apsw.Connection) -> None:
+        """New messages stop at 90% of ``max_db_bytes``: the rest stays for the status updates
+        of messages already accepted, so a full database still delivers what it holds."""
+        if not self.settings.max_db_bytes:
+            return
+        used = _scalar(db, "PRAGMA page_count") - _scalar(db, "PRAGMA freelist_count")
+        if used * _scalar(db, "PRAGMA page_size") >= ACCEPT_SHARE_OF_CAP * self.settings.max_db_bytes:
+            self._alert("persistence", "the database is full: at its size cap (store.max_db_megabytes); "
+                        "new messages are refused until retention frees space")
+            raise StoreUnavailable("the database is full (store.max_db_megabytes reached); "
+                                   "nothing was accepted")
 
     def _accept(self, db: apsw.Connection, messages: Sequence[tuple[OutgoingMessage, DedupProbe]],
                 now: float) -> list[Receipt | TgrelayError]:

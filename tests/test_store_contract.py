@@ -249,7 +249,7 @@ def test_schema_has_a_version_and_a_newer_one_is_refused(store_factory, tmp_path
 
 
 def test_a_full_database_refuses_with_a_clear_error_and_keeps_what_it_accepted(store_factory, alerts) -> None:
-    store = store_factory(max_db_bytes=160 * 1024)
+    store = store_factory(max_db_bytes=320 * 1024)
     acknowledged: dict[int, str] = {}
     with pytest.raises(StoreUnavailable, match="full"):
         for index in range(100_000):
@@ -260,6 +260,11 @@ def test_a_full_database_refuses_with_a_clear_error_and_keeps_what_it_accepted(s
     for message_id, text in acknowledged.items():
         assert store.get(message_id).text == text
     assert store.statistics()["counts"]["pending"] == len(acknowledged)
+    first = next(iter(acknowledged))
+    (claimed,) = store.call(ClaimDue("default", ("alpha",)))
+    assert store.call(MarkSent((claimed.id,), "alpha")) == [claimed.id]
+    assert store.call(ConfirmSent(claimed.id, 1, "alpha")), "status updates still fit at the cap"
+    assert first in acknowledged
     for message_id in list(acknowledged)[:50]:
         store.call(FailMessage(message_id, "test cleanup"))
     store.call(Housekeep(now=10**10))
