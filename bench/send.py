@@ -23,20 +23,18 @@ import os
 import platform
 import resource
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import requests
+from loadlib.processes import SimulatorProcess
 
 from actors.token import TokenSettings
 from simulator import make_bots
 from supervision import RelaySystem, parse_config
 
-REPO = Path(__file__).resolve().parents[1]
 WORKERS = TokenSettings.__dataclass_fields__["workers"].default
 
 
@@ -44,35 +42,6 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.system()}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class SimulatorProcess:
-    def __init__(self, bots: int, *options: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervision.cli", "simulate", "--port", str(self.port),
-             "--bots", str(bots), "--log-level", "WARNING", *options],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                requests.get(f"{self.url}/_control/stats", timeout=1)
-                return
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def relay_config(directory: Path, sim: SimulatorProcess, tokens: int, max_per_second: int,
@@ -138,7 +107,7 @@ def run_plain_loop(sim: SimulatorProcess, tokens: int, count: int, concurrency: 
 
 
 def no_limits(directory: Path, count: int, tokens: int = 2) -> dict[str, dict[str, float]]:
-    sim = SimulatorProcess(tokens, "--no-limits")
+    sim = SimulatorProcess(directory, tokens, ["--no-limits"])
     try:
         concurrency = tokens * WORKERS
         sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -157,7 +126,7 @@ def no_limits(directory: Path, count: int, tokens: int = 2) -> dict[str, dict[st
 
 
 def with_limits(directory: Path, tokens: int, seconds: float) -> dict[str, float]:
-    sim = SimulatorProcess(tokens, "--latency-ms", "100")
+    sim = SimulatorProcess(directory, tokens, ["--latency-ms", "100"])
     try:
         count = int(tokens * 30 * seconds)
         result = run_relay(directory, sim, tokens, count, 30)
