@@ -20,6 +20,7 @@ thread-safe token board and only ``tell``s actors, except in :meth:`SendingSyste
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -50,7 +51,6 @@ from actors.store import StoreClient
 from actors.token import (
     FAILING,
     HEALTHY,
-    IN_DOUBT_RESEND,
     TokenActor,
     TokenBoard,
     TokenSettings,
@@ -70,6 +70,11 @@ log = logging.getLogger("tgrelay.supervisor")
 STOP_TIMEOUT_SECONDS = 5.0
 
 
+def _token_default(name: str) -> Any:
+    """The default of one ``TokenSettings`` field."""
+    return next(f.default for f in dataclasses.fields(TokenSettings) if f.name == name)
+
+
 @dataclass(frozen=True)
 class SupervisionSettings:
     """Restart policy and sending knobs that the config file does not (yet) expose."""
@@ -79,10 +84,11 @@ class SupervisionSettings:
     restart_backoff_base: float = 0.1
     restart_backoff_cap: float = 10.0
     store_check_seconds: float = 1.0
-    workers_per_token: int = 6
-    max_attempts: int = 20
-    in_doubt_policy: str = IN_DOUBT_RESEND
-    backoff_base: float = 0.25
+    # Sending knobs default to the token actor's own defaults: one source, no drift.
+    workers_per_token: int = _token_default("workers")
+    max_attempts: int = _token_default("max_attempts")
+    in_doubt_policy: str = _token_default("in_doubt_policy")
+    backoff_base: float = _token_default("backoff_base")
     tick_seconds: float = 0.1
 
 

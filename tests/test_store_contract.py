@@ -211,6 +211,7 @@ def test_restart_resumes_unfinished_rows_and_counts_sent_ones_in_doubt(store_fac
     report = restarted.statistics()["recovered_at_start"]
     assert report == {"in_doubt": 1, "released_leases": 1, "pending": 2}
     assert restarted.get(sent).status == "pending" and restarted.get(sent).in_doubt_count == 1
+    assert restarted.get(leased).status == "pending" and restarted.get(leased).in_doubt_count == 0
     assert restarted.get(done).status == "confirmed"
     assert len(restarted.call(ClaimDue("default", ("beta", "beta")))) == 2
 
